@@ -1,0 +1,249 @@
+"""Delivery matrices: how pruned channels leave their information to kept ones.
+
+Pure functions on float64 tensors; no ``nn.Module`` here. Notation follows the
+method note: a producer has ``N`` filters ``w_i`` (rows of ``filters``), an
+optional BatchNorm, and the BN output of channel ``i`` is
+``z_i = g_i * (w_i . x) + b_i``. A delivery matrix ``S`` has shape
+``(len(kept), len(pruned))``; column ``j`` says how much of pruned channel ``j``
+each kept channel takes over, and every consumer is rewritten as
+``V[:, K] += V[:, P] @ S.T``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("prune", "nm", "nm-paper", "lbyl", "lbyl-paper")
+
+
+@dataclass(frozen=True)
+class BatchNormStats:
+    """Parameters and running statistics of a BatchNorm layer (all length N)."""
+
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+
+
+@dataclass(frozen=True)
+class ProducerStats:
+    """Everything restoration may read about one producer layer.
+
+    ``filters`` is N x M (flattened output filters), ``bias`` the producer's
+    own bias (or None), ``bn`` the BatchNorm that follows it (or None).
+    """
+
+    filters: torch.Tensor
+    bias: torch.Tensor | None = None
+    bn: BatchNormStats | None = None
+
+    @property
+    def channels(self) -> int:
+        return self.filters.shape[0]
+
+
+def bn_affine(stats: ProducerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale ``g`` and shift ``b`` with ``z_i = g_i (w_i . x) + b_i``.
+
+    With BN: ``g = gamma / sqrt(var + eps)``, ``b = beta + g * (bias - mean)``;
+    without BN: ``g = 1`` and ``b`` is the producer's bias (zero if it has none).
+    """
+    n = stats.channels
+    dtype, device = torch.float64, stats.filters.device
+    bias = stats.bias.to(dtype) if stats.bias is not None else torch.zeros(n, dtype=dtype, device=device)
+    if stats.bn is None:
+        return torch.ones(n, dtype=dtype, device=device), bias
+    bn = stats.bn
+    g = bn.gamma.to(dtype) / torch.sqrt(bn.var.to(dtype) + bn.eps)
+    b = bn.beta.to(dtype) + g * (bias - bn.mean.to(dtype))
+    return g, b
+
+
+def scaled_filters(stats: ProducerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN-scaled filters ``w'_i = g_i w_i`` (N x M) and BN biases ``b`` (N)."""
+    g, b = bn_affine(stats)
+    return g[:, None] * stats.filters.to(torch.float64), b
+
+
+def prune_delivery(kept: torch.Tensor, pruned: torch.Tensor, *, device=None) -> torch.Tensor:
+    """Plain pruning: nothing is delivered (``S = 0``)."""
+    return torch.zeros(len(kept), len(pruned), dtype=torch.float64, device=device)
+
+
+def _nearest_by_cosine(filters: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """For each pruned filter, the position (in ``kept``) of the most cosine-similar kept filter."""
+    unit = filters / filters.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    similarity = unit[kept] @ unit[pruned].T  # |K| x |P|
+    return similarity.argmax(dim=0)
+
+
+def _one_per_column(match: torch.Tensor, factor: torch.Tensor, n_kept: int) -> torch.Tensor:
+    delivery = torch.zeros(n_kept, len(match), dtype=torch.float64, device=factor.device)
+    delivery[match, torch.arange(len(match), device=factor.device)] = factor
+    return delivery
+
+
+def nm_delivery(stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Neuron Merging with the exact BN factor.
+
+    Each pruned ``j`` goes to the kept ``k`` of largest cosine similarity, with
+    ``S[k, j] = (|w_j| / |w_k|) * (gamma_j / gamma_k) * (sigma_k / sigma_j)``:
+    if ``w_j = c w_k`` (c > 0) and the BN biases agree, ReLU(z_j) = S[k, j] ReLU(z_k)
+    exactly.
+    """
+    filters = stats.filters.to(torch.float64)
+    g, _ = bn_affine(stats)
+    match = _nearest_by_cosine(filters, kept, pruned)
+    norms = filters.norm(dim=1)
+    k = kept[match]
+    factor = norms[pruned] / norms[k].clamp_min(torch.finfo(torch.float64).tiny) * (g[pruned] / g[k])
+    return _one_per_column(match, factor, len(kept))
+
+
+def nm_paper_delivery(stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Neuron Merging as the authors' released code computes it.
+
+    Only for reproducing published tables. The BN ratio is inverted,
+    ``(gamma_k / gamma_j) * (var_j / var_k)``, and uses the running variance
+    where the standard deviation is meant; on exactly duplicated filters this
+    is worse than plain pruning. Without BN it equals :func:`nm_delivery`.
+    """
+    filters = stats.filters.to(torch.float64)
+    match = _nearest_by_cosine(filters, kept, pruned)
+    norms = filters.norm(dim=1)
+    k = kept[match]
+    factor = norms[pruned] / norms[k].clamp_min(torch.finfo(torch.float64).tiny)
+    if stats.bn is not None:
+        gamma, var = stats.bn.gamma.to(torch.float64), stats.bn.var.to(torch.float64)
+        factor = factor * (gamma[k] / gamma[pruned]) * (var[pruned] / var[k])
+    return _one_per_column(match, factor, len(kept))
+
+
+def _solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve ``matrix @ X = rhs`` for symmetric PSD ``matrix``; one Cholesky, pseudo-inverse if singular."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info.max()) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    # singular (e.g. lambdas 0 and more kept filters than filter entries): minimum-norm solution
+    return torch.linalg.pinv(matrix, hermitian=True) @ rhs
+
+
+def lbyl_delivery(
+    stats: ProducerStats,
+    kept: torch.Tensor,
+    pruned: torch.Tensor,
+    lambda1: float = 0.0,
+    lambda2: float = 0.0,
+) -> torch.Tensor:
+    """LBYL, exact closed form (method note, section 3).
+
+    Minimises, for every pruned ``j`` at once,
+    ``|w'_j - W'_K s|^2 + lambda1 (b_j - b_K . s)^2 + lambda2 |s|^2``::
+
+        A = W'_K W'_K^T + lambda1 b_K b_K^T + lambda2 I
+        S = A^{-1} (W'_K W'_P^T + lambda1 b_K b_P^T)
+
+    ``A`` is shared by all pruned channels: one factorisation per layer.
+    """
+    w, b = scaled_filters(stats)
+    w_kept, w_pruned, b_kept, b_pruned = w[kept], w[pruned], b[kept], b[pruned]
+    eye = torch.eye(len(kept), dtype=torch.float64, device=w.device)
+    gram = w_kept @ w_kept.T + lambda1 * torch.outer(b_kept, b_kept) + lambda2 * eye
+    rhs = w_kept @ w_pruned.T + lambda1 * torch.outer(b_kept, b_pruned)
+    return _solve_spd(gram, rhs)
+
+
+def lbyl_paper_delivery(
+    stats: ProducerStats,
+    kept: torch.Tensor,
+    pruned: torch.Tensor,
+    lambda1: float = 0.0,
+    lambda2: float = 0.0,
+) -> torch.Tensor:
+    """LBYL as the authors' released code computes it.
+
+    Only for reproducing published tables; :func:`lbyl_delivery` is the method.
+    Differences from the exact form (method note, section 3):
+
+    - with BN: regresses the *raw* filters ``w_j`` on ``W_K`` with penalty
+      ``lambda2 * sum_k (K_k d_k)^2``, ``K_k = (gamma_j/gamma_k)(var_k/var_j)``, and
+      BN term ``lambda1 (gamma_j/var_j)^2 (a . d - a_j)^2`` with
+      ``a = mean - bias - var * beta / gamma``; the outer product ``a a^T`` is
+      replaced by ``|a|^2 I``; the running variance stands where sigma is meant;
+      and ``d`` itself (not ``K * d``) is delivered. One solve per pruned channel.
+    - without BN: ridge regression of ``[w_j | bias_j]`` on ``[W_K | bias_K]``
+      with an intercept that is discarded (``lambda1`` is unused).
+    """
+    filters = stats.filters.to(torch.float64)
+    n_kept = len(kept)
+    eye = torch.eye(n_kept, dtype=torch.float64, device=filters.device)
+    if stats.bn is None:
+        bias = stats.bias.to(torch.float64) if stats.bias is not None else None
+        design = filters if bias is None else torch.cat([filters, bias[:, None]], dim=1)
+        x = design[kept].T  # samples are filter entries, features are kept channels
+        y = design[pruned].T
+        x = x - x.mean(dim=0, keepdim=True)
+        y = y - y.mean(dim=0, keepdim=True)
+        return _solve_spd(x.T @ x + lambda2 * eye, x.T @ y)
+
+    bn = stats.bn
+    gamma, beta = bn.gamma.to(torch.float64), bn.beta.to(torch.float64)
+    mean, var = bn.mean.to(torch.float64), bn.var.to(torch.float64)
+    bias = stats.bias.to(torch.float64) if stats.bias is not None else torch.zeros_like(mean)
+    a = mean - bias - var * beta / gamma
+    w_kept = filters[kept]
+    gram = w_kept @ w_kept.T  # |K| x |K|, shared
+    rhs = w_kept @ filters[pruned].T  # |K| x |P|
+    k_ratio = (gamma[pruned][:, None] / gamma[kept][None, :]) * (var[kept][None, :] / var[pruned][:, None])  # |P| x |K|
+    c2 = (gamma[pruned] / var[pruned]) ** 2  # |P|
+    a_kept = a[kept]
+    diagonal = lambda2 * k_ratio**2 + (lambda1 * c2 * a_kept.dot(a_kept))[:, None]  # |P| x |K|
+    matrices = gram.expand(len(pruned), n_kept, n_kept) + torch.diag_embed(diagonal)
+    rhs = rhs.T + (lambda1 * c2 * a[pruned])[:, None] * a_kept[None, :]  # |P| x |K|
+    solution = torch.linalg.solve(matrices, rhs.unsqueeze(-1)).squeeze(-1)  # |P| x |K|
+    return solution.T
+
+
+def delivery_matrix(
+    method: str,
+    stats: ProducerStats,
+    kept: torch.Tensor,
+    pruned: torch.Tensor,
+    lambda1: float = 0.0,
+    lambda2: float = 0.0,
+) -> torch.Tensor:
+    """Dispatch to the delivery matrix of ``method`` (one of :data:`METHODS`)."""
+    if method == "prune":
+        return prune_delivery(kept, pruned, device=stats.filters.device)
+    if method == "nm":
+        return nm_delivery(stats, kept, pruned)
+    if method == "nm-paper":
+        return nm_paper_delivery(stats, kept, pruned)
+    if method == "lbyl":
+        return lbyl_delivery(stats, kept, pruned, lambda1, lambda2)
+    if method == "lbyl-paper":
+        return lbyl_paper_delivery(stats, kept, pruned, lambda1, lambda2)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def restoration_loss(
+    stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor, delivery: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The three data-free loss terms of a delivery matrix, per pruned channel.
+
+    ``re``: residual error ``|w'_j - W'_K s_j|^2`` (BN-scaled filters);
+    ``be``: BN error ``(b_j - b_K . s_j)^2``; ``ae``: activation-error proxy ``|s_j|^2``.
+    Any method's ``S`` can be scored, so methods compare on one loss.
+    """
+    w, b = scaled_filters(stats)
+    delivery = delivery.to(torch.float64)
+    residual = w[pruned] - delivery.T @ w[kept]
+    bias_residual = b[pruned] - delivery.T @ b[kept]
+    return {
+        "re": (residual**2).sum(dim=1),
+        "be": bias_residual**2,
+        "ae": (delivery**2).sum(dim=0),
+    }

@@ -1,0 +1,95 @@
+"""What a restoration did: per-layer rows, skipped layers, totals."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    channels_before: int
+    channels_after: int
+    method: str
+    criterion: str
+    ratio: float
+    re: float  # residual error, summed over pruned channels
+    be: float  # BN (bias) error
+    ae: float  # activation-error proxy |s|^2
+    seconds: float
+    consumers: list[str] = field(default_factory=list)
+    bn: str | None = None
+    activation: str = "relu"
+
+
+@dataclass
+class SkippedRecord:
+    name: str
+    reason: str
+
+
+@dataclass
+class Report:
+    settings: dict
+    layers: list[LayerRecord]
+    skipped: list[SkippedRecord]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    seconds: float
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        data = dict(data)
+        data["layers"] = [LayerRecord(**row) for row in data["layers"]]
+        data["skipped"] = [SkippedRecord(**row) for row in data["skipped"]]
+        return cls(**data)
+
+    def table(self) -> str:
+        header = ("layer", "channels", "method", "RE", "BE", "AE", "seconds")
+        rows = [
+            (
+                r.name,
+                f"{r.channels_before} -> {r.channels_after}",
+                r.method,
+                f"{r.re:.4g}",
+                f"{r.be:.4g}",
+                f"{r.ae:.4g}",
+                f"{r.seconds:.3f}",
+            )
+            for r in self.layers
+        ]
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+        out = [line(header), line("-" * w for w in widths), *map(line, rows)]
+        if self.skipped:
+            out.append("")
+            out.append(f"skipped ({len(self.skipped)}):")
+            out.extend(f"  {s.name}: {s.reason}" for s in self.skipped)
+        out.append("")
+        out.append(
+            f"parameters {self.params_before:,} -> {self.params_after:,} "
+            f"({_percent(self.params_after, self.params_before)}), "
+            f"MACs {self.macs_before:,} -> {self.macs_after:,} "
+            f"({_percent(self.macs_after, self.macs_before)}), {self.seconds:.2f} s"
+        )
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _percent(after: int, before: int) -> str:
+    return f"{100.0 * after / before:.1f}%" if before else "n/a"
