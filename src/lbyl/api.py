@@ -222,6 +222,7 @@ def restore(
                 consumers=[c.name for c in group.consumers],
                 bn=group.bn_name,
                 activation=group.activation,
+                kept=kept.tolist(),
             )
         )
     t0 = time.perf_counter()
@@ -253,3 +254,36 @@ def restore(
         timings=timings,
     )
     return target, report
+
+
+def shrink(model: nn.Module, example_inputs, kept: Mapping[str, Sequence[int]], inplace: bool = False) -> nn.Module:
+    """Remove channels so that producer ``name`` keeps exactly ``kept[name]`` (no restoration).
+
+    Rebuilds the architecture of a restored model from its plan before its
+    weights are loaded; the weights of the result are otherwise meaningless.
+    """
+    inputs = _as_inputs(example_inputs)
+    target = model if inplace else copy.deepcopy(model)
+    was_training = target.training
+    groups, skipped = find_groups(target, inputs)
+    by_name = {g.name: g for g in groups}
+    out_channels, in_channels = {}, {}
+    for name, indices in kept.items():
+        if name not in by_name:
+            raise ValueError(
+                f"plan names layer {name!r}, which is not a restorable layer of this model; "
+                "was the plan written for another architecture?"
+            )
+        group = by_name[name]
+        keep = set(int(i) for i in indices)
+        if not keep or max(keep) >= group.channels or min(keep) < 0:
+            raise ValueError(f"plan keeps invalid channels for {name!r} (it has {group.channels} channels)")
+        pruned = torch.tensor(sorted(set(range(group.channels)) - keep), dtype=torch.long)
+        out_channels.setdefault(group.producer, set()).update(pruned.tolist())
+        if group.bn is not None:
+            out_channels.setdefault(group.bn, set()).update(pruned.tolist())
+        for consumer in group.consumers:
+            in_channels.setdefault(consumer.module, set()).update(consumer.positions[pruned].flatten().tolist())
+    remove_channels(out_channels, in_channels)
+    target.train(was_training)
+    return target

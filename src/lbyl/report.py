@@ -21,6 +21,7 @@ class LayerRecord:
     consumers: list[str] = field(default_factory=list)
     bn: str | None = None
     activation: str = "relu"
+    kept: list[int] = field(default_factory=list)  # original indices of the kept channels
 
 
 @dataclass
