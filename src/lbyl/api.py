@@ -94,9 +94,18 @@ def _validate(model, ratio, method, criterion, lambda1, lambda2, order):
             )
 
 
+def default_layers(groups: list[RestorableGroup]) -> list[RestorableGroup]:
+    """The paper's protocol as a generic rule: a network with restorable convolutions prunes
+    those (its Linear head stays whole); a network without (an MLP) prunes its hidden Linear layers."""
+    convs = [g for g in groups if not isinstance(g.producer, nn.Linear)]
+    return convs or list(groups)
+
+
 def _select(groups, skipped, layers):
     if layers is None:
-        return groups
+        return default_layers(groups)
+    if layers == "all":
+        return list(groups)
     patterns = [layers] if isinstance(layers, str) else list(layers)
     chosen = []
     for pattern in patterns:
@@ -148,7 +157,9 @@ def restore(
         released behaviour, for reproducing published tables).
     criterion : ``"l2"``, ``"l1"``, ``"l2gm"`` or ``"random"`` (seeded by ``seed``).
     lambda1, lambda2 : weights of the BN-bias term and of the coefficient penalty in the LBYL loss.
-    layers : restrict pruning to these producer names (glob patterns allowed).
+    layers : producer names to prune (glob patterns allowed), ``"all"`` for every restorable
+        layer, or None (default) for the paper's protocol: every restorable convolution in a
+        CNN (hidden Linear layers of the head stay whole), every hidden Linear layer in an MLP.
     order : ``"original"`` computes every delivery matrix from the original weights (the
         paper's protocol); ``"sequential"`` uses each producer's weights as already edited
         by the layers before it, without the input channels those layers removed.

@@ -175,11 +175,29 @@ def _walk(dg, start, names):
     visit(start, None, False, False)
     if not consumers:
         raise _Unsupported("no Conv/Linear layer reads its channels")
+    if len(consumers) > 1:
+        for node in (dg.module2node[m] for m in consumers):
+            if _feeds_add(node):
+                raise _Unsupported(
+                    f"it is the input of a residual block: {consumers[node.module]} is the block's "
+                    "projection shortcut (the residual stream stays whole)"
+                )
     if len(bns) > 1:
         raise _Unsupported("BatchNorm on some paths to the consumers but not on others")
     if len(activations) > 1:
         raise _Unsupported("ReLU on some paths to the consumers but not on others")
     return consumers, bns.pop(), activations.pop(), path
+
+
+def _feeds_add(node) -> bool:
+    """True when a layer's output goes (through at most a BatchNorm) straight into an add."""
+    for nxt in node.outputs:
+        if isinstance(nxt.module, BATCHNORMS):
+            if _feeds_add(nxt):
+                return True
+        elif nxt.type == ops.OPTYPE.ELEMENTWISE and _op_name(nxt).startswith(("AddBackward", "SubBackward")):
+            return True
+    return False
 
 
 def _consumer_positions(group, consumer_modules, channels):
