@@ -1,0 +1,223 @@
+"""Save a restored model to a folder and load it back, without pickle.
+
+A restored-model folder holds three files:
+
+- ``model.safetensors``: the pruned model's state dict;
+- ``plan.json``: how to rebuild the pruned architecture (model spec, input
+  shape, the channels each layer kept) plus the method, its settings and
+  SHA-256 checksums of the weights;
+- ``report.json``: the full restoration report.
+
+:func:`load_restored` builds the original architecture from the spec, removes
+the channels the plan did not keep (:func:`lbyl.shrink`), then loads the
+weights strictly after checking their checksum.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .api import shrink
+from .report import Report
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "PLAN_FILE",
+    "WEIGHTS_FILE",
+    "REPORT_FILE",
+    "RestoredFormatError",
+    "save_restored",
+    "load_restored",
+    "read_plan",
+    "read_report",
+    "sha256_file",
+]
+
+FORMAT = "lbyl-restored"
+FORMAT_VERSION = 1
+PLAN_FILE = "plan.json"
+WEIGHTS_FILE = "model.safetensors"
+REPORT_FILE = "report.json"
+
+
+class RestoredFormatError(ValueError):
+    """A restored-model folder is missing files, corrupt, or from an incompatible format."""
+
+
+def _version() -> str:
+    # looked up at call time so that lbyl/__init__.py may import this module
+    import lbyl
+
+    return lbyl.__version__
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _input_shape(spec: str, input_shape) -> list[int]:
+    if input_shape is not None:
+        return [int(d) for d in input_shape]
+    from .models.registry import example_input, model_info
+
+    if model_info(spec) is None:
+        raise ValueError(
+            f"no input shape is known for model spec {spec!r}; pass input_shape=(1, C, H, W) to save_restored"
+        )
+    return list(example_input(spec).shape)
+
+
+def save_restored(
+    model: nn.Module,
+    report: Report,
+    out_dir: str | os.PathLike,
+    spec: str,
+    model_kwargs: Mapping | None = None,
+    source_weights: str | os.PathLike | None = None,
+    *,
+    input_shape=None,
+) -> Path:
+    """Write ``model.safetensors``, ``plan.json`` and ``report.json`` into ``out_dir``.
+
+    ``spec`` and ``model_kwargs`` must rebuild the *unpruned* model with
+    ``build_model(spec, **model_kwargs)``. ``source_weights`` (the checkpoint
+    the model was restored from) is only hashed, for provenance.
+    ``input_shape`` is needed only for ``package.module:factory`` specs.
+    Returns the folder.
+    """
+    from safetensors.torch import save_file
+
+    kwargs = dict(model_kwargs or {})
+    try:
+        json.dumps(kwargs)
+    except TypeError as error:
+        raise ValueError(f"model_kwargs must be JSON-serialisable to be stored in the plan: {error}") from None
+    shape = _input_shape(spec, input_shape)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # safetensors refuses shared or strided storage: store contiguous CPU copies
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    weights_path = out / WEIGHTS_FILE
+    save_file(state, str(weights_path), metadata={"format": "pt", "lbyl": _version()})
+
+    source = None
+    if source_weights is not None:
+        source_path = Path(source_weights)
+        source = {"file": source_path.name, "sha256": sha256_file(source_path)}
+    settings = dict(report.settings)
+    plan = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lbyl_version": _version(),
+        "torch_version": torch.__version__,
+        "model": {"spec": spec, "kwargs": kwargs},
+        "input_shape": shape,
+        "method": settings.get("method"),
+        "settings": settings,
+        "kept": {layer.name: [int(i) for i in layer.kept] for layer in report.layers},
+        "source_weights": source,
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights_path)},
+    }
+    report.to_json(out / REPORT_FILE)
+    # the plan is written last: a folder without one was not written completely
+    (out / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
+    return out
+
+
+def read_plan(out_dir: str | os.PathLike) -> dict:
+    """Read and validate ``plan.json`` of a restored-model folder."""
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"restored-model folder not found: {folder}")
+    path = folder / PLAN_FILE
+    if not path.is_file():
+        raise RestoredFormatError(
+            f"{folder} has no {PLAN_FILE}; it is not a restored-model folder written by lbyl "
+            "(or the write did not finish)"
+        )
+    try:
+        plan = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RestoredFormatError(f"{path} is not valid JSON (corrupt?): {error}") from None
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        raise RestoredFormatError(f"{path} is not an lbyl plan (missing \"format\": \"{FORMAT}\")")
+    version = plan.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = "upgrade lbyl" if isinstance(version, int) and version > FORMAT_VERSION else "re-create it"
+        raise RestoredFormatError(
+            f"{path} has format version {version!r}, but this lbyl ({_version()}) reads version "
+            f"{FORMAT_VERSION} only; {hint}"
+        )
+    missing = [k for k in ("model", "input_shape", "kept", "weights") if k not in plan]
+    if missing:
+        raise RestoredFormatError(f"{path} lacks the entries {missing}")
+    return plan
+
+
+def read_report(out_dir: str | os.PathLike) -> Report:
+    """The :class:`Report` stored in a restored-model folder."""
+    path = Path(out_dir) / REPORT_FILE
+    if not path.is_file():
+        raise RestoredFormatError(f"{path} not found")
+    try:
+        return Report.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError) as error:
+        raise RestoredFormatError(f"{path} is not a valid lbyl report: {error}") from None
+
+
+def load_restored(out_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Rebuild a restored model from its folder; returns ``(model in eval mode, plan)``.
+
+    Raises :class:`RestoredFormatError` (a ``ValueError``) if a file is
+    missing or corrupt, the checksum does not match, or the plan's format
+    version is not supported.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .models.registry import build_model
+
+    folder = Path(out_dir)
+    plan = read_plan(folder)
+    weights_path = folder / plan["weights"].get("file", WEIGHTS_FILE)
+    if not weights_path.is_file():
+        raise RestoredFormatError(f"{weights_path} not found; the restored-model folder is incomplete")
+    expected = plan["weights"].get("sha256")
+    actual = sha256_file(weights_path)
+    if actual != expected:
+        raise RestoredFormatError(
+            f"checksum mismatch for {weights_path}: plan says {expected}, file has {actual}. "
+            "The weights were changed or corrupted after the plan was written."
+        )
+
+    spec = plan["model"]["spec"]
+    model = build_model(spec, **plan["model"].get("kwargs", {}))
+    model.eval()
+    # shrink() only traces the graph, so any input of the right shape works
+    example = torch.zeros(plan["input_shape"])
+    model = shrink(model, example, plan["kept"], inplace=True)
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise RestoredFormatError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise RestoredFormatError(
+            f"{weights_path} does not fit the architecture rebuilt from {PLAN_FILE}: {error}"
+        ) from None
+    model.eval()
+    return model, plan
