@@ -1,0 +1,272 @@
+"""Accuracy sweeps: restore a model over a grid of ratios, methods and criteria.
+
+:func:`run_sweep` returns one row (a dict with the keys of :data:`FIELDS`)
+per grid point plus a first row for the unpruned model (method
+``"unpruned"``); :func:`write_csv`, :func:`write_markdown`,
+:func:`format_table` and :func:`plot_accuracy` turn rows into files.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .api import restore
+from .data import evaluate
+
+__all__ = [
+    "FIELDS",
+    "UNPRUNED",
+    "run_sweep",
+    "write_csv",
+    "read_csv",
+    "write_markdown",
+    "markdown_table",
+    "format_table",
+    "plot_accuracy",
+]
+
+FIELDS = (
+    "model", "weights", "ratio", "method", "criterion", "lambda1", "lambda2",
+    "accuracy", "params", "macs", "restore_seconds", "re", "be", "ae",
+)  # fmt: skip
+UNPRUNED = "unpruned"  # method name of the baseline row
+
+
+def _inputs(example_inputs) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def run_sweep(
+    model: nn.Module,
+    example_inputs,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    ratios: Sequence[float],
+    methods: Sequence[str] = ("prune", "nm", "lbyl"),
+    criteria: Sequence[str] = ("l2",),
+    lambda1: float = 0.0,
+    lambda2: float = 0.0,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    batch_size: int = 500,
+    seed: int = 0,
+    order: str = "original",
+    model_name: str = "",
+    weights_name: str = "",
+    progress: bool = True,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Evaluate ``model`` unpruned, then restored at every (ratio, method, criterion).
+
+    ``images`` are uint8 together with ``mean``/``std``, or model-ready floats.
+    Each row holds the accuracy (top-1 %), parameter and MAC counts, the
+    restoration time and the summed RE/BE/AE losses of all layers. ``on_row``
+    is called with each row as soon as it is ready (e.g. to print it).
+    """
+    inputs = _inputs(example_inputs)
+    common = dict(model=model_name, weights=weights_name, lambda1=float(lambda1), lambda2=float(lambda2))
+
+    def score(net: nn.Module) -> float:
+        return evaluate(net, images, labels, batch_size=batch_size, mean=mean, std=std)
+
+    model.eval()
+    macs, params = tp.utils.count_ops_and_params(model, inputs)
+    baseline = dict(
+        common, ratio=0.0, method=UNPRUNED, criterion="", accuracy=score(model),
+        params=int(params), macs=int(macs), restore_seconds=0.0, re=0.0, be=0.0, ae=0.0,
+    )  # fmt: skip
+    rows = [baseline]
+    if on_row is not None:
+        on_row(baseline)
+
+    grid = [(r, m, c) for r in ratios for c in criteria for m in methods]
+    bar = None
+    if progress and grid:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid), desc="sweep", unit="model", leave=False)
+    try:
+        for ratio, method, criterion in grid:
+            if bar is not None:
+                bar.set_postfix_str(f"ratio {ratio:g} {method}/{criterion}")
+            started = time.perf_counter()
+            restored, report = restore(
+                model, inputs, float(ratio), method=method, criterion=criterion,
+                lambda1=lambda1, lambda2=lambda2, seed=seed, order=order,
+            )  # fmt: skip
+            seconds = time.perf_counter() - started
+            row = dict(
+                common,
+                ratio=float(ratio),
+                method=method,
+                criterion=criterion,
+                accuracy=score(restored),
+                params=report.params_after,
+                macs=report.macs_after,
+                restore_seconds=seconds,
+                re=sum(layer.re for layer in report.layers),
+                be=sum(layer.be for layer in report.layers),
+                ae=sum(layer.ae for layer in report.layers),
+            )
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Write rows as CSV with the columns of :data:`FIELDS`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k, "")) for k in FIELDS})
+    return path
+
+
+def _csv_value(value):
+    # repr keeps every float digit, so a CSV round trip is exact
+    return repr(value) if isinstance(value, float) else value
+
+
+_NUMERIC = {"ratio": float, "lambda1": float, "lambda2": float, "accuracy": float, "params": int,
+            "macs": int, "restore_seconds": float, "re": float, "be": float, "ae": float}  # fmt: skip
+
+
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    """Read a file written by :func:`write_csv` back into rows with numeric values."""
+    with open(path, newline="") as f:
+        return [{k: _NUMERIC[k](v) if k in _NUMERIC and v != "" else v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _series_label(row: dict, several_criteria: bool) -> str:
+    return f"{row['method']}/{row['criterion']}" if several_criteria else row["method"]
+
+
+def _split(rows: Sequence[dict]) -> tuple[dict | None, dict[str, dict[float, dict]]]:
+    """(baseline row or None, {series label: {ratio: row}}) in first-seen order."""
+    baseline = next((r for r in rows if r["method"] == UNPRUNED), None)
+    pruned = [r for r in rows if r["method"] != UNPRUNED]
+    several = len({r["criterion"] for r in pruned}) > 1
+    series: dict[str, dict[float, dict]] = {}
+    for row in pruned:
+        series.setdefault(_series_label(row, several), {})[float(row["ratio"])] = row
+    return baseline, series
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{int(n)}"
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """Markdown table: one line per ratio, one top-1 % column per method[/criterion]."""
+    baseline, series = _split(rows)
+    ratios = sorted({ratio for by_ratio in series.values() for ratio in by_ratio})
+    labels = list(series)
+    header = ["ratio", "params", "MACs", *(f"{label} top-1 %" for label in labels)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    if baseline is not None:
+        cells = ["unpruned", _count(baseline["params"]), _count(baseline["macs"])]
+        cells += [f"{baseline['accuracy']:.2f}"] * len(labels)
+        lines.append("| " + " | ".join(cells) + " |")
+    for ratio in ratios:
+        first = next(by_ratio[ratio] for by_ratio in series.values() if ratio in by_ratio)
+        cells = [f"{ratio:g}", _count(first["params"]), _count(first["macs"])]
+        cells += [f"{series[label][ratio]['accuracy']:.2f}" if ratio in series[label] else "" for label in labels]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Write :func:`markdown_table` (with an optional heading and a short legend) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = [f"# {title}", ""] if title else []
+    first = rows[0] if rows else {}
+    if first.get("model"):
+        parts.append(f"Model `{first['model']}`" + (f", weights `{first['weights']}`" if first.get("weights") else "") + ".")
+    parts.append(
+        "Top-1 accuracy after removing `ratio` of the output channels of every restorable layer; "
+        "params and MACs are those of the pruned model."
+    )
+    parts += ["", markdown_table(rows), ""]
+    path.write_text("\n".join(parts))
+    return path
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Plain-text table for the console: one line per row."""
+    header = ("ratio", "method", "criterion", "top-1 %", "params", "MACs", "restore s")
+    body = [
+        (
+            "-" if row["method"] == UNPRUNED else f"{row['ratio']:g}",
+            row["method"],
+            row["criterion"] or "-",
+            f"{row['accuracy']:.2f}",
+            f"{row['params']:,}",
+            f"{row['macs']:,}",
+            f"{row['restore_seconds']:.2f}",
+        )
+        for row in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    # text columns left-aligned, numbers right-aligned
+    align = ["<", "<", "<", ">", ">", ">", ">"]
+    fmt = lambda cells: "  ".join(f"{c:{a}{w}}" for c, a, w in zip(cells, align, widths)).rstrip()
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])
+
+
+def plot_accuracy(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Plot top-1 accuracy against the pruning ratio, one line per method[/criterion].
+
+    The unpruned accuracy is a dashed horizontal line. Drawn with the Agg
+    canvas directly, so no display and no global matplotlib state are needed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    baseline, series = _split(rows)
+    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    markers = "osD^vP*X"
+    for i, (label, by_ratio) in enumerate(series.items()):
+        ratios = sorted(by_ratio)
+        ax.plot(
+            [100 * r for r in ratios],
+            [by_ratio[r]["accuracy"] for r in ratios],
+            marker=markers[i % len(markers)],
+            label=label,
+        )
+    if baseline is not None:
+        ax.axhline(baseline["accuracy"], color="black", linestyle="--", linewidth=1,
+                   label=f"unpruned ({baseline['accuracy']:.2f}%)")  # fmt: skip
+    ax.set_xlabel("channels removed per layer (%)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
