@@ -103,22 +103,38 @@ def nm_delivery(stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor) 
     return _one_per_column(match, factor, len(kept))
 
 
-def nm_paper_delivery(stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+def nm_paper_delivery(
+    stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor, *, threshold: float | None = None
+) -> torch.Tensor:
     """Neuron Merging as the authors' released code computes it.
 
-    Only for reproducing published tables. The BN ratio is inverted,
-    ``(gamma_k / gamma_j) * (var_j / var_k)``, and uses the running variance
-    where the standard deviation is meant; on exactly duplicated filters this
-    is worse than plain pruning. Without BN it equals :func:`nm_delivery`.
+    Only for reproducing published tables. With BN, the factor's BN ratio is
+    inverted, ``(gamma_k / gamma_j) * (var_j / var_k)``, and uses the running
+    variance where the standard deviation is meant; on exactly duplicated
+    filters this is worse than plain pruning. Without BN, the release appends
+    the producer's bias to every filter, so the cosine match and the norm ratio
+    are taken on ``[w_i | bias_i]`` (without BN and without a bias this equals
+    :func:`nm_delivery`).
+
+    ``threshold``: the release merges a pruned channel only when the cosine
+    similarity to its chosen partner is at least this value, and otherwise
+    just drops it (its column of ``S`` stays zero). ``None`` merges every
+    pruned channel. The released LeNet-300-100 script uses 0.45.
     """
     filters = stats.filters.to(torch.float64)
+    if stats.bn is None and stats.bias is not None:
+        filters = torch.cat([filters, stats.bias.to(torch.float64)[:, None]], dim=1)
     match = _nearest_by_cosine(filters, kept, pruned)
     norms = filters.norm(dim=1)
     k = kept[match]
-    factor = norms[pruned] / norms[k].clamp_min(torch.finfo(torch.float64).tiny)
+    tiny = torch.finfo(torch.float64).tiny
+    factor = norms[pruned] / norms[k].clamp_min(tiny)
     if stats.bn is not None:
         gamma, var = stats.bn.gamma.to(torch.float64), stats.bn.var.to(torch.float64)
         factor = factor * (gamma[k] / gamma[pruned]) * (var[pruned] / var[k])
+    if threshold is not None:
+        cosine = (filters[pruned] * filters[k]).sum(dim=1) / (norms[pruned] * norms[k]).clamp_min(tiny)
+        factor = torch.where(cosine >= threshold, factor, torch.zeros_like(factor))
     return _one_per_column(match, factor, len(kept))
 
 
