@@ -23,9 +23,10 @@ def set_bn(bn, gamma, beta, mean, var):
         bn.running_var.copy_(var)
 
 
-def duplicated_filters_model(seed=0, activation=None, gamma=None, var=None):
-    """Channels 3,4,5 are positive multiples of channels 0,1,2 (smaller norm, so L2 prunes them)
-    with their own BN gamma and variance, and BN biases chosen so the copies are exact after ReLU."""
+def duplicated_filters_model(seed=0, activation=None, gamma=None):
+    """Channels 3,4,5 are positive multiples c*w of channels 0,1,2 (smaller norm, so L2 prunes them)
+    with their own BN gamma; running statistics are those the copies would really have
+    (mean c*mu, variance c^2 (var + eps) - eps) and beta makes the copies exact after ReLU."""
     model = conv_bn_relu_conv(6, activation=activation, seed=seed)
     conv, bn = model[0], model[1]
     gen = torch.Generator().manual_seed(seed)
@@ -35,12 +36,11 @@ def duplicated_filters_model(seed=0, activation=None, gamma=None, var=None):
     with torch.no_grad():
         conv.weight.copy_(torch.cat([base, scale[:, None, None, None] * base]))
     gamma = 0.5 + rand(6) if gamma is None else torch.as_tensor(gamma, dtype=torch.float64)
-    var = 0.2 + rand(6) if var is None else torch.as_tensor(var, dtype=torch.float64)
-    mean = rand(6) - 0.5
+    var_kept, mean_kept, beta_kept = 0.2 + rand(3), rand(3) - 0.5, rand(3) - 0.5
+    var = torch.cat([var_kept, scale**2 * (var_kept + bn.eps) - bn.eps])
+    mean = torch.cat([mean_kept, scale * mean_kept])
     g = gamma / torch.sqrt(var + bn.eps)
-    b_kept = rand(3) - 0.5  # BN bias (beta - g * mean) of the kept channels
-    # z_j = (c g_j / g_k) z_k exactly when b_j = (c g_j / g_k) b_k
-    b_pruned = scale * g[3:] / g[:3] * b_kept
-    b = torch.cat([b_kept, b_pruned])
-    set_bn(bn, gamma, b + g * mean, mean, var)
+    # z_j = S z_k with S = c g_j / g_k; beta_j = S beta_k keeps the BN biases consistent
+    beta = torch.cat([beta_kept, scale * g[3:] / g[:3] * beta_kept])
+    set_bn(bn, gamma, beta, mean, var)
     return model

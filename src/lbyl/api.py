@@ -11,11 +11,12 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .correction import consumer_offset, mean_shift
 from .criteria import CRITERIA, select_channels
 from .delivery import METHODS, BatchNormStats, ProducerStats, delivery_matrix, restoration_loss
 from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups
 from .report import LayerRecord, Report, SkippedRecord
-from .surgery import apply_delivery, remove_channels
+from .surgery import add_output_offset, apply_delivery, remove_channels
 
 ORDERS = ("original", "sequential")
 
@@ -51,6 +52,17 @@ def producer_stats(group: RestorableGroup, dropped_inputs: Sequence[int] = ()) -
         bias=bias.detach().to(torch.float64) if bias is not None else None,
         bn=bn,
     )
+
+
+def ranking_filters(stats: ProducerStats) -> torch.Tensor:
+    """What a criterion ranks: the filter, with its bias appended when no BatchNorm follows.
+
+    Without BN the bias is the weight of a constant input and part of the neuron
+    (the released LBYL code ranks LeNet's neurons this way); a BN absorbs it.
+    """
+    if stats.bn is None and stats.bias is not None:
+        return torch.cat([stats.filters, stats.bias[:, None].to(stats.filters.dtype)], dim=1)
+    return stats.filters
 
 
 def _as_inputs(example_inputs) -> tuple:
@@ -119,6 +131,22 @@ def _select(groups, skipped, layers):
     return [g for g in groups if g in chosen]
 
 
+def _check_finite_edit(group: RestorableGroup, method: str) -> None:
+    """Safety net: restoration never leaves NaN or Inf in a consumer it edited."""
+    for consumer in group.consumers:
+        module = consumer.module
+        tensors = [module.weight, module.bias]
+        if consumer.next_bn is not None:
+            tensors.append(consumer.next_bn.running_mean)
+        if any(t is not None and not torch.isfinite(t).all() for t in tensors):
+            raise ValueError(
+                f"restoring layer {group.name!r} with method {method!r} produced NaN or Inf in {consumer.name!r} "
+                f"(stored as {module.weight.dtype}): the layer is numerically degenerate (near-zero filters, "
+                "BatchNorm gamma or variance) or the result overflows the weights' dtype. Use method 'lbyl' "
+                "with lambda2 > 0, or leave the layer out (layers=... / a ratio mapping without it)."
+            )
+
+
 def _forward_check(model, inputs):
     try:
         with torch.no_grad():
@@ -143,6 +171,7 @@ def restore(
     seed: int = 0,
     inplace: bool = False,
     order: str = "original",
+    bias_correction: bool = True,
 ) -> tuple[nn.Module, Report]:
     """Remove ``ratio`` of the channels of every restorable layer and restore the model without data.
 
@@ -163,6 +192,9 @@ def restore(
     order : ``"original"`` computes every delivery matrix from the original weights (the
         paper's protocol); ``"sequential"`` uses each producer's weights as already edited
         by the layers before it, without the input channels those layers removed.
+    bias_correction : add the expected consumer input that pruning removes (computed from
+        the BatchNorm statistics, no data) to the consumer's bias or the next BatchNorm's
+        running mean. Layers without BatchNorm are not corrected.
 
     Returns
     -------
@@ -201,13 +233,19 @@ def restore(
     for group in chosen:
         t0 = time.perf_counter()
         stats = original.get(group.name) or producer_stats(group, sorted(in_channels.get(group.producer, ())))
-        kept, pruned = select_channels(stats.filters, ratios[group.name], criterion, seed)
+        kept, pruned = select_channels(ranking_filters(stats), ratios[group.name], criterion, seed)
         device = stats.filters.device
         kept, pruned = kept.to(device), pruned.to(device)
         delivery = delivery_matrix(method, stats, kept, pruned, lambda1, lambda2)
         loss = restoration_loss(stats, kept, pruned, delivery)
+        shift = mean_shift(stats, kept, pruned, delivery, group.activation) if bias_correction else None
         t1 = time.perf_counter()
+        if shift is not None:
+            for consumer in group.consumers:
+                offset = consumer_offset(consumer.module.weight, consumer.positions.to(device), pruned, shift)
+                add_output_offset(consumer.module, offset, consumer.next_bn)
         apply_delivery(group.consumers, kept, pruned, delivery)
+        _check_finite_edit(group, method)
         pruned_list = pruned.tolist()
         out_channels.setdefault(group.producer, set()).update(pruned_list)
         if group.bn is not None:
@@ -252,6 +290,7 @@ def restore(
         lambda2=float(lambda2),
         seed=int(seed),
         order=order,
+        bias_correction=bool(bias_correction),
     )
     report = Report(
         settings=settings,

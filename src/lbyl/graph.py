@@ -43,6 +43,7 @@ class Consumer:
     name: str
     module: nn.Module
     positions: torch.Tensor  # (channels, slots) long
+    next_bn: nn.Module | None = None  # a BatchNorm that alone reads this consumer's output
 
 
 @dataclass
@@ -189,6 +190,13 @@ def _walk(dg, start, names):
     return consumers, bns.pop(), activations.pop(), path
 
 
+def _next_bn(node):
+    outputs = node.outputs
+    if len(outputs) == 1 and isinstance(outputs[0].module, BATCHNORMS):
+        return outputs[0].module
+    return None
+
+
 def _feeds_add(node) -> bool:
     """True when a layer's output goes (through at most a BatchNorm) straight into an add."""
     for nxt in node.outputs:
@@ -276,7 +284,7 @@ def find_groups(
                 bn_name=names.get(bn) if bn is not None else None,
                 bn=bn,
                 activation=activation,
-                consumers=[Consumer(consumers[m], m, positions[m]) for m in consumers],
+                consumers=[Consumer(consumers[m], m, positions[m], _next_bn(dg.module2node[m])) for m in consumers],
                 path=path,
             )
         )

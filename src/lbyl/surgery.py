@@ -36,6 +36,37 @@ def apply_delivery(consumers: list[Consumer], kept, pruned, delivery) -> None:
             weight.copy_(fold_into_consumer(weight, consumer.positions.to(weight.device), kept, pruned, delivery))
 
 
+def add_output_offset(module: nn.Module, offset: torch.Tensor, next_bn: nn.Module | None = None, where: str = "auto") -> str:
+    """Add a constant ``offset`` to every output channel of ``module``; returns where it went.
+
+    ``where="bias"`` adds it to the layer's bias (creating one if needed);
+    ``"bn"`` subtracts it from the running mean of the BatchNorm that reads the
+    layer (same outputs, no new parameter); ``"auto"`` uses the bias if the layer
+    has one, else that BatchNorm, else a new bias.
+    """
+    if where not in ("auto", "bias", "bn"):
+        raise ValueError(f"where must be 'auto', 'bias' or 'bn', got {where!r}")
+    use_bn = next_bn is not None and next_bn.running_mean is not None and (
+        where == "bn" or (where == "auto" and module.bias is None)
+    )
+    if where == "bn" and not use_bn:
+        raise ValueError("no BatchNorm with running statistics reads this layer; fold into its bias instead")
+    with torch.no_grad():
+        if use_bn:
+            mean = next_bn.running_mean
+            mean.copy_((mean.to(torch.float64) - offset.to(mean.device)).to(mean.dtype))
+            return "bn"
+        if module.bias is None:
+            weight = module.weight
+            module.bias = nn.Parameter(
+                torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                requires_grad=weight.requires_grad,
+            )
+        bias = module.bias
+        bias.copy_((bias.to(torch.float64) + offset.to(bias.device)).to(bias.dtype))
+        return "bias"
+
+
 def _out_pruner(module):
     if isinstance(module, nn.Linear):
         return tp_function.prune_linear_out_channels
@@ -56,10 +87,19 @@ def remove_channels(out_channels: dict[nn.Module, set[int]], in_channels: dict[n
     Indices for every module are collected first and removed in one call per
     module and dimension, so no index goes stale when a layer is both a
     consumer and a producer, or reads several producers through a concat.
+    Torch-Pruning replaces the parameters it cuts; their ``requires_grad``
+    flags are carried over, so frozen parameters stay frozen.
     """
+    flags = {
+        (module, name): p.requires_grad
+        for module in {*out_channels, *in_channels}
+        for name, p in module.named_parameters(recurse=False)
+    }
     for module, idxs in out_channels.items():
         if idxs:
             _out_pruner(module)(module, sorted(idxs))
     for module, idxs in in_channels.items():
         if idxs:
             _in_pruner(module)(module, sorted(idxs))
+    for (module, name), flag in flags.items():
+        getattr(module, name).requires_grad_(flag)
