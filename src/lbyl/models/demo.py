@@ -16,7 +16,13 @@ class DemoCNN(nn.Module):
     ``fc1``; this exercises conv-to-linear pruning through a flatten.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, int, int] = (32, 64, 128), hidden: int = 256):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        widths: tuple[int, int, int] = (32, 64, 128),
+        hidden: int = 256,
+    ):
         super().__init__()
         c1, c2, c3 = widths
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)

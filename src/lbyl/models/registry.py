@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import pickle
 import warnings
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,15 +210,28 @@ def _read_checkpoint(path: Path, trust_pickle: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        if not trust_pickle and "weights only load failed" in str(e).lower():
+        # The weights-only unpickler reports refused classes as "Unsupported
+        # global"; anything else it rejects is malformed data.
+        if not trust_pickle and "unsupported global" in str(e).lower():
             raise WeightsError(
                 f"{path}: the checkpoint contains Python objects other than tensors and plain containers, "
                 "so it needs full unpickling, which can run arbitrary code. If you trust its source, pass "
-                "trust_pickle=True (CLI: --trust-pickle); better, re-save it as a plain state dict."
+                "trust_pickle=True (CLI: --trust-pickle); better, re-save it as a plain state dict. "
+                f"(Refused: {_refused_global(e)})"
             ) from e
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as e:
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from e
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?)") from e
+    except (ImportError, AttributeError) as e:
+        raise WeightsError(f"{path}: unpickling needs code that cannot be imported here: {e}") from e
+    except Exception as e:  # torch raises many types for damaged files
+        raise WeightsError(
+            f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {type(e).__name__}: {e}"
+        ) from e
+
+
+def _refused_global(err: Exception) -> str:
+    text = str(err)
+    start = text.find("GLOBAL ")
+    return text[start + 7 :].split(" ", 1)[0] if start >= 0 else "unknown"
 
 
 def load_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -230,7 +242,9 @@ def load_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise WeightsFileNotFoundError(f"weights file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+        raise WeightsFileNotFoundError(
+            f"weights file not found: {path}" + (" (it is a directory)" if path.is_dir() else "")
+        )
     obj = _read_checkpoint(path, trust_pickle)
 
     # Unwrap nested training checkpoints such as {"state_dict": ..., "epoch": ...}.
@@ -256,7 +270,7 @@ def load_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         key = str(key)
         for prefix in _PREFIXES:
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         state[key] = value
     return state
 
@@ -282,7 +296,9 @@ def _mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str
     return "; ".join(parts)
 
 
-def load_weights(model: nn.Module, path: str | Path, trust_pickle: bool = False, *, spec: str | None = None) -> nn.Module:
+def load_weights(
+    model: nn.Module, path: str | Path, trust_pickle: bool = False, *, spec: str | None = None
+) -> nn.Module:
     """Load a checkpoint into ``model`` strictly and return the model.
 
     Uses ``torch.load(..., weights_only=True)`` unless ``trust_pickle``.  Raises
@@ -297,5 +313,8 @@ def load_weights(model: nn.Module, path: str | Path, trust_pickle: bool = False,
             f"{path} does not match model {name!r}: {report}. "
             "Check that the weights were trained for this model spec (and its num_classes)."
         )
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # anything the pre-check above did not foresee
+        raise WeightsError(f"{path} does not match model {type(model).__name__!r}: {e}") from e
     return model
