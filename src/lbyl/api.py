@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .correction import consumer_offset, mean_shift
+from .counting import count_ops_and_params, count_params, counting
 from .criteria import CRITERIA, select_channels
 from .delivery import METHODS, BatchNormStats, ProducerStats, delivery_matrix, restoration_loss
 from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups
@@ -159,6 +160,24 @@ def _forward_check(model, inputs):
         ) from error
 
 
+def _trace(model, inputs) -> tuple[tp.DependencyGraph, float]:
+    """Trace the dependency graph; its forward pass also checks the inputs and counts the MACs.
+
+    Returns the graph and the model's MACs per sample (those of
+    ``tp.utils.count_ops_and_params``), so restoring needs one forward pass, not four.
+    """
+    with counting(model) as tally:
+        try:
+            dg = build_dependency_graph(model, inputs)
+        except Exception:
+            _forward_check(model, inputs)  # a ValueError that names the input shapes, if they are the cause
+            raise
+    if tally.passes != 1:  # the tracer retried model(inputs) after model(*inputs) failed
+        _forward_check(model, inputs)
+    macs = tally.macs if tally.complete else count_ops_and_params(model, inputs)[0]
+    return dg, macs
+
+
 def restore(
     model: nn.Module,
     example_inputs,
@@ -206,11 +225,10 @@ def restore(
     was_training = model.training
     target = model if inplace else copy.deepcopy(model)
     target.eval()
-    _forward_check(target, inputs)
-    macs_before, params_before = tp.utils.count_ops_and_params(target, inputs)
+    params_before = count_params(target)
 
     t0 = time.perf_counter()
-    dg = build_dependency_graph(target, inputs)
+    dg, macs_before = _trace(target, inputs)
     groups, skipped = find_groups(target, inputs, dg=dg)
     timings = {"graph": time.perf_counter() - t0}
     if not groups:
@@ -278,7 +296,7 @@ def restore(
     remove_channels(out_channels, in_channels)
     timings.update(delivery=t_delivery, surgery=t_surgery + time.perf_counter() - t0)
 
-    macs_after, params_after = tp.utils.count_ops_and_params(target, inputs)
+    macs_after, params_after = count_ops_and_params(target, inputs)
     target.train(was_training)
     if inplace:
         model.train(was_training)

@@ -1,0 +1,211 @@
+"""Parameter and MAC counts without copying the model.
+
+The numbers are those of ``torch_pruning.utils.count_ops_and_params`` (the
+flops-counter conventions: a convolution costs ``prod(kernel) * in/groups * out``
+per output position plus one per output element for its bias, a Linear layer
+``prod(input shape) * out`` plus ``out`` for its bias, BatchNorm two per input
+element when affine, activations one per output element, pooling one per input
+element; MACs are per sample of the batch). Torch-Pruning deep-copies the model
+and runs a forward pass on every call; here the counting hooks ride along a
+forward pass that runs anyway (the dependency trace of :func:`lbyl.restore`),
+and a pruned model is counted with a shape-only forward pass on the ``meta``
+device, which allocates no memory and does no arithmetic.
+
+Module types that the reference counter knows but this module does not (RNNs,
+attention) make :func:`count_ops_and_params` fall back to Torch-Pruning.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning.utils import op_counter as _tp_counter
+
+__all__ = ["MacTally", "count_macs", "count_ops_and_params", "count_params", "counting", "supported"]
+
+
+def _numel(shape) -> int:
+    return math.prod(int(d) for d in shape)
+
+
+def _conv(module, inputs, output) -> int:
+    batch = int(inputs[0].shape[0])
+    positions = batch * _numel(output.shape[2:])
+    per_position = _numel(module.kernel_size) * module.in_channels * (module.out_channels // module.groups)
+    bias = module.out_channels * positions if module.bias is not None else 0
+    return per_position * positions + bias
+
+
+def _linear(module, inputs, output) -> int:
+    out = int(output.shape[-1])
+    return _numel(inputs[0].shape) * out + (out if module.bias is not None else 0)
+
+
+def _norm(module, inputs, output) -> int:
+    return _numel(inputs[0].shape) * (2 if module.affine else 1)
+
+
+def _layer_norm(module, inputs, output) -> int:
+    return _numel(inputs[0].shape) * (2 if module.elementwise_affine else 1)
+
+
+def _per_output(module, inputs, output) -> int:
+    return _numel(output.shape)
+
+
+def _per_input(module, inputs, output) -> int:
+    return _numel(inputs[0].shape)
+
+
+def _upsample(module, inputs, output) -> int:
+    return _numel(output[0].shape)  # the reference counts one sample's output elements
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.ReLU6, nn.GELU)
+_POOLS = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
+_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm,
+)
+
+#: MACs of one call, by exact module type (subclasses are not counted, as in the reference)
+FORMULAS: dict[type, Callable] = {
+    **{t: _conv for t in _CONVS},
+    **{t: _per_output for t in _ACTIVATIONS},
+    **{t: _per_input for t in _POOLS},
+    **{t: _norm for t in _NORMS},
+    nn.LayerNorm: _layer_norm,
+    nn.Linear: _linear,
+    nn.Upsample: _upsample,
+}
+
+
+def supported(model: nn.Module) -> bool:
+    """True when every module type the reference counter knows has a formula here."""
+    known = set(_tp_counter.MODULES_MAPPING) | set(_tp_counter.CUSTOM_MODULES_MAPPING)
+    return all(type(m) in FORMULAS or type(m) not in known for m in model.modules())
+
+
+def _counted_modules(module: nn.Module, multiplicity: dict[nn.Module, int]) -> None:
+    """Modules whose calls add to the total: counted types, not inside another counted module.
+
+    A module registered under several parents counts once per registration, as in the reference.
+    """
+    if type(module) in FORMULAS:
+        multiplicity[module] = multiplicity.get(module, 0) + 1
+        return
+    for child in module.children():
+        _counted_modules(child, multiplicity)
+
+
+class MacTally:
+    """MACs accumulated by the forward passes seen while :func:`counting` was active."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.batch = 0
+        self.passes = 0  # forward calls of the model itself, finished or not
+        self.complete = False  # set when the model had only supported types
+
+    @property
+    def macs(self) -> float:
+        """MACs per sample (the reference divides by the batch size)."""
+        if not self.batch:
+            raise RuntimeError("no forward pass was counted")
+        return self.total / self.batch
+
+
+@contextlib.contextmanager
+def counting(model: nn.Module) -> Iterator[MacTally]:
+    """Count the MACs of every forward pass of ``model`` inside the ``with`` block.
+
+    Hooks only read shapes, so they cost nothing measurable; ``tally.complete`` is
+    False when the model has a module type without a formula here (then use
+    :func:`count_ops_and_params`, which falls back to the reference).
+    """
+    tally = MacTally()
+    tally.complete = supported(model)
+    multiplicity: dict[nn.Module, int] = {}
+    _counted_modules(model, multiplicity)
+
+    def count(module, inputs, output):
+        tally.total += FORMULAS[type(module)](module, inputs, output) * multiplicity[module]
+
+    def batch(module, inputs, output):
+        tally.batch += len(inputs[0]) if inputs else 1
+
+    def started(module, inputs):
+        tally.passes += 1
+
+    handles = [model.register_forward_pre_hook(started), model.register_forward_hook(batch)]
+    handles += [m.register_forward_hook(count) for m in multiplicity]
+    try:
+        yield tally
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared parameters once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _as_tuple(example_inputs) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def _on_meta(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+
+
+def _shape_only_forward(model: nn.Module, inputs: tuple) -> None:
+    """Run ``model`` on the meta device: shapes propagate, no arithmetic is done."""
+    state = {name: _on_meta(t) for name, t in model.named_parameters(remove_duplicate=False)}
+    state.update({name: _on_meta(t) for name, t in model.named_buffers(remove_duplicate=False) if t is not None})
+    meta_inputs = tuple(_on_meta(x) if isinstance(x, torch.Tensor) else x for x in inputs)
+    torch.func.functional_call(model, state, meta_inputs, strict=False, tie_weights=True)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def count_macs(model: nn.Module, example_inputs) -> float:
+    """MACs per sample of ``model`` on ``example_inputs`` (eval mode).
+
+    Tries a shape-only forward pass on the meta device; a model whose forward
+    needs real values (data-dependent control flow, tensors created on the CPU
+    inside ``forward``) is run for real under ``torch.no_grad``.
+    """
+    inputs = _as_tuple(example_inputs)
+    with _eval_mode(model), torch.no_grad():
+        try:
+            with counting(model) as tally:
+                _shape_only_forward(model, inputs)
+        except Exception:  # meta tensors are not supported by every forward
+            with counting(model) as tally:
+                model(*inputs)
+    return tally.macs
+
+
+def count_ops_and_params(model: nn.Module, example_inputs) -> tuple[float, int]:
+    """``(MACs, parameters)`` equal to ``torch_pruning.utils.count_ops_and_params``, without its deep copy."""
+    if not supported(model):
+        return tp.utils.count_ops_and_params(model, example_inputs)
+    return count_macs(model, example_inputs), count_params(model)
