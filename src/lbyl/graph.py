@@ -73,16 +73,25 @@ class _Unsupported(Exception):
     pass
 
 
+def _discard(_):
+    return None
+
+
 @contextlib.contextmanager
 def _traceable(model: nn.Module):
-    """Eval mode and gradients on while tracing (a frozen model traces to an empty graph)."""
+    """Eval mode and gradients on while tracing (a frozen model traces to an empty graph).
+
+    The trace only reads the autograd graph's structure and never runs backward, so the
+    activations autograd would save for it are dropped at once (the graph keeps no copy
+    of them, and tracing needs the memory of an inference pass, not of a training one).
+    """
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         model.eval()
         for p, _ in flags:
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_discard, _discard):
             yield
     finally:
         for p, flag in flags:
