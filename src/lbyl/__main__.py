@@ -1,0 +1,6 @@
+"""``python -m lbyl``: the same as the ``lbyl`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

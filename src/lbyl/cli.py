@@ -1,0 +1,472 @@
+"""Command line interface: ``lbyl restore | eval | sweep | demo``.
+
+Run ``lbyl --help`` or ``lbyl <command> --help`` for the details.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+METHOD_HELP = """\
+methods (how the information of removed channels is handed to the kept ones):
+  prune       remove the channels and do nothing else (the baseline)
+  nm          Neuron Merging: each removed channel is merged into its most
+              similar kept channel (cosine similarity), scaled so that the
+              next layer sees the same signal when the filters are parallel
+  lbyl        LBYL, "Leave Before You Leave": each removed channel is
+              approximated by a least-squares combination of all kept
+              channels (closed form), and the next layer's weights are
+              updated with it
+  nm-paper, lbyl-paper
+              the two methods exactly as their authors' code computes them;
+              only for reproducing published tables
+
+criteria (which channels of a layer are kept):
+  l2          keep the filters with the largest L2 norm (default)
+  l1          keep the filters with the largest L1 norm
+  l2gm        keep the filters farthest from the others (geometric median)
+  random      keep a random subset (seeded by --seed)
+
+ratio: the fraction of output channels removed from every restorable layer;
+  0.5 removes half of the channels (a layer with n channels keeps
+  floor(n * (1 - ratio)), at least one). Layers whose channels feed a residual
+  addition or the model output cannot be pruned; the report lists them.
+"""
+
+MODEL_HELP = (
+    "model: a registry name ({names}) or 'package.module:factory' for your own model "
+    "(then also pass --input-shape)"
+)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the hand-written line breaks of descriptions and epilogs; wider help column."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30)
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.5") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"ratio {text} is outside [0, 1): it is the fraction of channels removed")
+    return value
+
+
+def _ratio_list(text: str) -> list[float]:
+    values = [_ratio(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one ratio, e.g. 0.1,0.3,0.5")
+    return values
+
+
+def _choice_list(choices):
+    def parse(text: str) -> list[str]:
+        values = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [v for v in values if v not in choices]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(map(repr, unknown)) or 'empty list'}; choose from {', '.join(choices)}"
+            )
+        return values
+
+    return parse
+
+
+def _nonneg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        shape = [int(part) for part in text.replace("x", ",").split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape such as 1,3,32,32") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape such as 1,3,32,32")
+    return shape
+
+
+def _model_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. num_classes=100)")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare word is a string
+
+
+def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    from .models.registry import available_models
+
+    parser.add_argument("--model", required=required, metavar="SPEC", help=MODEL_HELP.format(names=", ".join(available_models())))
+    parser.add_argument("--weights", required=required, metavar="FILE",
+                        help="checkpoint of the trained model: .safetensors, or a PyTorch state dict (.pt/.pth/.th)")  # fmt: skip
+    parser.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
+                        help="keyword argument for the model factory, e.g. num_classes=100 (repeatable; VALUE is JSON)")  # fmt: skip
+    parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                        help="input shape used to trace the model; needed only for 'package.module:factory' models")  # fmt: skip
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow checkpoints that need full unpickling (can run arbitrary code: only for files you trust)")  # fmt: skip
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", choices=("fashion-mnist", "cifar10"), metavar="NAME",
+                        help="test set: fashion-mnist or cifar10 (default: the dataset the model was made for)")  # fmt: skip
+    parser.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate on the first N test images only")
+    parser.add_argument("--batch-size", type=_positive_int, default=500, metavar="N", help="evaluation batch size (default 500)")
+    parser.add_argument("--assets-root", metavar="PATH",
+                        help="folder of the shared assets (CIFAR-10 JPEG copy); default $LBYL_ASSETS or ../shared/assets")  # fmt: skip
+    parser.add_argument("--data-root", metavar="PATH",
+                        help="folder (or CIFAR-10 tarball) holding the test set itself; overrides --assets-root")  # fmt: skip
+
+
+def _add_restore_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lambda1", type=_nonneg, default=0.0, metavar="X",
+                        help="LBYL only: weight of the BatchNorm-bias term in the loss (default 0)")  # fmt: skip
+    parser.add_argument("--lambda2", type=_nonneg, default=0.0, metavar="X",
+                        help="LBYL only: ridge penalty on the merge coefficients (default 0)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed for --criterion random (default 0)")
+    parser.add_argument("--order", choices=("original", "sequential"), default="original",
+                        help="original: every layer is restored from the original weights (the papers' protocol, "
+                        "default); sequential: each layer sees the edits of the layers before it")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lbyl`` command."""
+    from .criteria import CRITERIA
+    from .delivery import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="lbyl",
+        formatter_class=_Formatter,
+        description=(
+            "Prune channels of a trained CNN and restore its accuracy without data or fine-tuning.\n"
+            "Run 'lbyl <command> --help' for each command's options."
+        ),
+        epilog=(
+            "examples:\n"
+            "  lbyl demo                                   # prune the bundled FashionMNIST CNN\n"
+            "  lbyl restore --model resnet56 --weights resnet56.th --ratio 0.5 --method lbyl --out r56-lbyl\n"
+            "  lbyl eval --restored r56-lbyl --data cifar10\n"
+            "  lbyl sweep --model resnet56 --weights resnet56.th --ratios 0.1,0.3,0.5 --out r56-sweep\n"
+        ),
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"lbyl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # restore ---------------------------------------------------------------
+    p = sub.add_parser(
+        "restore",
+        formatter_class=_Formatter,
+        help="prune a model, restore it without data, save the result",
+        description=(
+            "Remove a fraction of the output channels of every restorable layer, compensate with\n"
+            "the chosen method, print a per-layer report and save the smaller model to --out\n"
+            "(model.safetensors, plan.json, report.json; reload it with 'lbyl eval --restored').\n\n"
+            + METHOD_HELP
+        ),
+        epilog=(
+            "examples:\n"
+            "  lbyl restore --model resnet56 --weights resnet56.th --ratio 0.5 --method lbyl --out r56-lbyl\n"
+            "  lbyl restore --model demo-cnn --weights demo.safetensors --ratio 0.3 --method nm \\\n"
+            "      --criterion l1 --layers 'conv*' --out demo-nm\n"
+            "  lbyl restore --model mypkg.nets:small_cnn --input-shape 1,3,32,32 --weights small.pt \\\n"
+            "      --ratio 0.4 --method lbyl --lambda1 0.1 --lambda2 0.01 --out small-lbyl\n"
+        ),
+    )
+    _add_model_args(p)
+    p.add_argument("--ratio", type=_ratio, required=True, metavar="R", help="fraction of channels removed per layer, in [0, 1)")
+    p.add_argument("--method", choices=METHODS, default="lbyl", metavar="M", help=f"one of {', '.join(METHODS)} (default lbyl)")
+    p.add_argument("--criterion", choices=CRITERIA, default="l2", metavar="C", help=f"one of {', '.join(CRITERIA)} (default l2)")
+    p.add_argument("--layers", nargs="+", metavar="PATTERN",
+                   help="prune only these layers (names or glob patterns such as 'layer1.*'); default: all restorable layers")  # fmt: skip
+    _add_restore_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the restored model to")
+    p.set_defaults(func=cmd_restore)
+
+    # eval --------------------------------------------------------------------
+    p = sub.add_parser(
+        "eval",
+        formatter_class=_Formatter,
+        help="top-1 accuracy, parameters and MACs of a model or a restored model",
+        description=(
+            "Evaluate a trained model (--model and --weights) or a model saved by 'lbyl restore'\n"
+            "(--restored) on a test set: prints top-1 accuracy, parameter count and MACs\n"
+            "(multiply-accumulates for one input). Inputs are normalised as the model expects."
+        ),
+        epilog=(
+            "examples:\n"
+            "  lbyl eval --model resnet56 --weights resnet56.th --data cifar10\n"
+            "  lbyl eval --restored r56-lbyl --limit 1000\n"
+            "  lbyl eval --restored demo-nm --json\n"
+        ),
+    )
+    _add_model_args(p, required=False)
+    p.add_argument("--restored", metavar="DIR", help="folder written by 'lbyl restore' (instead of --model/--weights)")
+    _add_data_args(p)
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    # sweep -------------------------------------------------------------------
+    p = sub.add_parser(
+        "sweep",
+        formatter_class=_Formatter,
+        help="accuracy over a grid of ratios, methods and criteria (CSV, Markdown, plot)",
+        description=(
+            "Restore a model at every combination of --ratios, --methods and --criteria, evaluate\n"
+            "each, and write results.csv, results.md and accuracy.png (accuracy against ratio,\n"
+            "dashed line: the unpruned model) to --out.\n\n" + METHOD_HELP
+        ),
+        epilog=(
+            "examples:\n"
+            "  lbyl sweep --model resnet56 --weights resnet56.th --ratios 0.1,0.3,0.5 --out r56-sweep\n"
+            "  lbyl sweep --model demo-cnn --weights demo.safetensors --ratios 0.2,0.4,0.6 \\\n"
+            "      --methods nm,lbyl --criteria l1,l2 --limit 2000 --out demo-sweep\n"
+        ),
+    )
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--ratios", type=_ratio_list, default=[0.1, 0.3, 0.5, 0.7], metavar="R,R,...",
+                   help="comma-separated fractions of channels removed (default 0.1,0.3,0.5,0.7)")  # fmt: skip
+    p.add_argument("--methods", type=_choice_list(METHODS), default=["prune", "nm", "lbyl"], metavar="M,M,...",
+                   help=f"comma-separated methods from {', '.join(METHODS)} (default prune,nm,lbyl)")  # fmt: skip
+    p.add_argument("--criteria", type=_choice_list(CRITERIA), default=["l2"], metavar="C,C,...",
+                   help=f"comma-separated criteria from {', '.join(CRITERIA)} (default l2)")  # fmt: skip
+    _add_restore_args(p)
+    p.add_argument("--out", default="sweep-output", metavar="DIR", help="output folder (default sweep-output)")
+    p.set_defaults(func=cmd_sweep)
+
+    # demo --------------------------------------------------------------------
+    p = sub.add_parser(
+        "demo",
+        formatter_class=_Formatter,
+        help="prune the bundled FashionMNIST CNN with prune, nm and lbyl and compare",
+        description=(
+            "Load the small CNN that ships with lbyl (trained on FashionMNIST), remove 10% to 70%\n"
+            "of the channels of every layer with prune, nm and lbyl, evaluate each on the 10,000\n"
+            "FashionMNIST test images, print a table and write results.csv, results.md and\n"
+            "accuracy.png to --out. Needs the FashionMNIST test set: on Debian/Ubuntu\n"
+            "'apt-get install dataset-fashion-mnist', or set LBYL_FASHION_MNIST to a folder\n"
+            "holding the idx files. Takes about two minutes on two CPU cores."
+        ),
+        epilog=(
+            "examples:\n"
+            "  lbyl demo\n"
+            "  lbyl demo --out /tmp/demo --ratios 0.25,0.5,0.75\n"
+            "  lbyl demo --fast          # two ratios, 1,000 images: a quick check\n"
+        ),
+    )
+    p.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (default demo-output)")
+    p.add_argument("--ratios", type=_ratio_list, metavar="R,R,...", help="fractions of channels removed (default 0.1,0.2,...,0.7)")
+    p.add_argument("--fast", action="store_true", help="quick run: ratios 0.3,0.6 on the first 1,000 test images")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate on the first N test images only")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# ---------------------------------------------------------------------------
+# helpers shared by the commands
+
+
+def _status(message: str) -> None:
+    """Progress messages go to stderr so that stdout holds only results."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _example_inputs(spec: str, input_shape):
+    import torch
+
+    from .models.registry import example_input, model_info
+
+    if input_shape is not None:
+        return torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
+    if model_info(spec) is None:
+        raise ValueError(f"model {spec!r} is not in the registry, so its input shape is unknown: pass --input-shape N,C,H,W")
+    return example_input(spec)
+
+
+def _load_model(args):
+    from .models.registry import build_model, load_weights
+
+    kwargs = dict(args.model_arg)
+    model = build_model(args.model, **kwargs)
+    load_weights(model, args.weights, trust_pickle=args.trust_pickle, spec=args.model)
+    return model.eval(), kwargs
+
+
+def _dataset_and_norm(spec: str, data: str | None):
+    """(dataset name, mean, std): the model's own normalisation when the registry knows it."""
+    from .data import DATASETS
+    from .models.registry import model_info
+
+    info = model_info(spec)
+    if data is None:
+        if info is None or info.dataset not in DATASETS:
+            known = f"made for {info.dataset}, which lbyl cannot load" if info is not None else "not in the registry"
+            raise ValueError(f"model {spec!r} is {known}: pass --data fashion-mnist or --data cifar10")
+        data = info.dataset
+    if info is not None and info.mean is not None:
+        return data, info.mean, info.std
+    return data, DATASETS[data].mean, DATASETS[data].std
+
+
+def _load_test_set(name: str, args):
+    from .data import assets_root, load_cifar10, load_fashion_mnist
+
+    if name == "fashion-mnist":
+        images, labels = load_fashion_mnist("test", root=args.data_root)
+    else:
+        root = args.data_root
+        if root is None and args.assets_root is not None:
+            root = assets_root(args.assets_root) / "cifar10-jpeg"
+        images, labels = load_cifar10("test", root=root)
+    if args.limit is not None:
+        images, labels = images[: args.limit], labels[: args.limit]
+    return images, labels
+
+
+def _evaluate(model, name, images, labels, mean, std, batch_size, progress=True) -> float:
+    from .data import evaluate
+
+    try:
+        return evaluate(model, images, labels, batch_size=batch_size, progress=progress, mean=mean, std=std)
+    except RuntimeError as error:
+        shape = tuple(images.shape[1:])
+        raise ValueError(f"the model cannot run on {name} images (shape {shape}): {error}") from None
+
+
+# ---------------------------------------------------------------------------
+# commands
+
+
+def cmd_restore(args) -> int:
+    from .api import restore
+    from .io import save_restored
+
+    model, kwargs = _load_model(args)
+    inputs = _example_inputs(args.model, args.input_shape)
+    _status(f"restoring {args.model}: ratio {args.ratio:g}, method {args.method}, criterion {args.criterion} ...")
+    restored, report = restore(
+        model, inputs, args.ratio, method=args.method, criterion=args.criterion,
+        lambda1=args.lambda1, lambda2=args.lambda2, layers=args.layers, seed=args.seed, order=args.order,
+    )  # fmt: skip
+    print(report.table())
+    out = save_restored(
+        restored, report, args.out, args.model, model_kwargs=kwargs, source_weights=args.weights,
+        input_shape=args.input_shape,
+    )  # fmt: skip
+    print(f"\nwrote {out}/ (model.safetensors, plan.json, report.json)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+    import torch_pruning as tp
+
+    if args.restored is not None:
+        if args.model or args.weights:
+            raise ValueError("give either --restored DIR or --model and --weights, not both")
+        from .io import load_restored
+
+        model, plan = load_restored(args.restored)
+        spec = plan["model"]["spec"]
+        inputs = torch.zeros(plan["input_shape"])
+        source = f"{spec} restored in {args.restored} ({plan.get('method')}, ratio {plan['settings'].get('ratio')})"
+    else:
+        if not (args.model and args.weights):
+            raise ValueError("give --model and --weights, or --restored DIR")
+        model, _ = _load_model(args)
+        spec = args.model
+        inputs = _example_inputs(spec, args.input_shape)
+        source = f"{spec} with {args.weights}"
+    data, mean, std = _dataset_and_norm(spec, args.data)
+    images, labels = _load_test_set(data, args)
+    accuracy = _evaluate(model, data, images, labels, mean, std, args.batch_size, progress=not args.json)
+    macs, params = tp.utils.count_ops_and_params(model, inputs)
+    if args.json:
+        print(json.dumps({"model": source, "data": data, "images": len(labels), "accuracy": accuracy,
+                          "params": int(params), "macs": int(macs)}))  # fmt: skip
+    else:
+        print(f"model       {source}")
+        print(f"data        {data} test set, {len(labels):,} images")
+        print(f"top-1       {accuracy:.2f}%")
+        print(f"parameters  {int(params):,}")
+        print(f"MACs        {int(macs):,}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import format_table, plot_accuracy, run_sweep, write_csv, write_markdown
+
+    model, _ = _load_model(args)
+    inputs = _example_inputs(args.model, args.input_shape)
+    data, mean, std = _dataset_and_norm(args.model, args.data)
+    images, labels = _load_test_set(data, args)
+    _status(f"sweep: {len(args.ratios) * len(args.methods) * len(args.criteria)} restorations, {len(labels):,} {data} images each")
+    started = time.perf_counter()
+    rows = run_sweep(
+        model, inputs, images, labels, args.ratios, args.methods, args.criteria, args.lambda1, args.lambda2,
+        mean=mean, std=std, batch_size=args.batch_size, seed=args.seed, order=args.order,
+        model_name=args.model, weights_name=Path(args.weights).name,
+    )  # fmt: skip
+    out = Path(args.out)
+    title = f"{args.model} on {data} ({len(labels):,} test images)"
+    write_csv(rows, out / "results.csv")
+    write_markdown(rows, out / "results.md", title=title)
+    plot_accuracy(rows, out / "accuracy.png", title=title)
+    print(format_table(rows))
+    print(f"\nwrote {out / 'results.csv'}, {out / 'results.md'} and {out / 'accuracy.png'} "
+          f"in {time.perf_counter() - started:.1f} s")  # fmt: skip
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, ratios=args.ratios, fast=args.fast, limit=args.limit)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lbyl`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _status("interrupted")
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as error:
+        # expected problems (bad paths, mismatched weights, missing data): one clear line, no traceback
+        print(f"lbyl {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The built-in demo: prune the bundled FashionMNIST CNN and compare methods.
+
+It needs only the package itself (the checkpoint ships as package data) and
+the FashionMNIST test set from the Debian package ``dataset-fashion-mnist``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .data import load_fashion_mnist
+from .models.registry import build_model, example_input, load_weights, model_info
+from .sweep import format_table, plot_accuracy, run_sweep, write_csv, write_markdown
+
+__all__ = ["DEMO_MODEL", "DEMO_WEIGHTS", "DEMO_RATIOS", "FAST_RATIOS", "FAST_LIMIT", "demo_weights", "load_demo_model", "run_demo"]
+
+DEMO_MODEL = "demo-cnn"
+DEMO_WEIGHTS = "demo-cnn-fashion-mnist.safetensors"
+DEMO_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+DEMO_METHODS = ("prune", "nm", "lbyl")
+FAST_RATIOS = (0.3, 0.6)
+FAST_LIMIT = 1000
+
+
+@contextmanager
+def demo_weights():
+    """Path of the bundled demo checkpoint (extracted to a temporary file if the package is zipped)."""
+    ref = resources.files("lbyl") / "assets" / DEMO_WEIGHTS
+    if not ref.is_file():
+        raise FileNotFoundError(
+            f"the demo checkpoint {DEMO_WEIGHTS} is missing from the lbyl package (lbyl/assets/); "
+            "reinstall lbyl, or regenerate it with 'python -m lbyl.train --out src/lbyl/assets/" + DEMO_WEIGHTS + "'"
+        )
+    with resources.as_file(ref) as path:
+        yield Path(path)
+
+
+def load_demo_model() -> torch.nn.Module:
+    """The trained demo CNN, in eval mode (read from safetensors, never unpickled)."""
+    model = build_model(DEMO_MODEL)
+    with demo_weights() as path:
+        load_weights(model, path)
+    return model.eval()
+
+
+def default_threads() -> int:
+    """CPU cores this process may run on (respects ``taskset``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not available on macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def run_demo(
+    out_dir: str | os.PathLike = "demo-output",
+    ratios: Sequence[float] | None = None,
+    fast: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+    stream=None,
+) -> list[dict]:
+    """Run the demo, print the results table to ``stream`` and write
+    ``results.csv``, ``results.md`` and ``accuracy.png`` into ``out_dir``.
+
+    ``fast`` uses two ratios and the first 1,000 test images (a smoke test);
+    ``ratios`` and ``limit`` override either mode.
+    """
+    stream = stream or sys.stdout
+    # OMP_NUM_THREADS set by the user wins; otherwise use every core we may run on
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(default_threads())
+    ratios = tuple(ratios) if ratios else (FAST_RATIOS if fast else DEMO_RATIOS)
+    if limit is None and fast:
+        limit = FAST_LIMIT
+    started = time.perf_counter()
+    info = model_info(DEMO_MODEL)
+    model = load_demo_model()
+    images, labels = load_fashion_mnist("test")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    print(
+        f"lbyl demo: {DEMO_MODEL} on {len(labels):,} FashionMNIST test images; removing "
+        f"{', '.join(f'{100 * r:g}%' for r in ratios)} of the channels of every restorable layer "
+        f"with {', '.join(DEMO_METHODS)} ({torch.get_num_threads()} threads)",
+        file=stream,
+        flush=True,
+    )
+    rows = run_sweep(
+        model,
+        example_input(DEMO_MODEL),
+        images,
+        labels,
+        ratios,
+        DEMO_METHODS,
+        ("l2",),
+        mean=info.mean,
+        std=info.std,
+        model_name=DEMO_MODEL,
+        weights_name=DEMO_WEIGHTS,
+        progress=progress,
+    )
+    out = Path(out_dir)
+    title = f"{DEMO_MODEL} on FashionMNIST ({len(labels):,} test images)"
+    write_csv(rows, out / "results.csv")
+    write_markdown(rows, out / "results.md", title=title)
+    plot_accuracy(rows, out / "accuracy.png", title=title)
+    print("", file=stream)
+    print(format_table(rows), file=stream)
+    print("", file=stream)
+    print(
+        f"wrote {out / 'results.csv'}, {out / 'results.md'} and {out / 'accuracy.png'} "
+        f"in {time.perf_counter() - started:.1f} s",
+        file=stream,
+        flush=True,
+    )
+    return rows
