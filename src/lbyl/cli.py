@@ -136,7 +136,7 @@ def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> N
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=("fashion-mnist", "cifar10"), metavar="NAME",
                         help="test set: fashion-mnist or cifar10 (default: the dataset the model was made for)")  # fmt: skip
-    parser.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate on the first N test images only")
+    parser.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate on N test images spread evenly over the test set")
     parser.add_argument("--batch-size", type=_positive_int, default=500, metavar="N", help="evaluation batch size (default 500)")
     parser.add_argument("--assets-root", metavar="PATH",
                         help="folder of the shared assets (CIFAR-10 JPEG copy); default $LBYL_ASSETS or ../shared/assets")  # fmt: skip
@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (default demo-output)")
     p.add_argument("--ratios", type=_ratio_list, metavar="R,R,...", help="fractions of channels removed (default 0.1,0.2,...,0.7)")
-    p.add_argument("--fast", action="store_true", help="quick run: ratios 0.3,0.6 on the first 1,000 test images")
-    p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate on the first N test images only")
+    p.add_argument("--fast", action="store_true", help="quick run: ratios 0.3,0.6 on 1,000 of the test images")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate on N test images spread evenly over the test set")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -338,6 +338,7 @@ def _dataset_and_norm(spec: str, data: str | None):
 
 def _load_test_set(name: str, args):
     from .data import assets_root, load_cifar10, load_fashion_mnist
+    from .sweep import subset
 
     if name == "fashion-mnist":
         images, labels = load_fashion_mnist("test", root=args.data_root)
@@ -346,9 +347,7 @@ def _load_test_set(name: str, args):
         if root is None and args.assets_root is not None:
             root = assets_root(args.assets_root) / "cifar10-jpeg"
         images, labels = load_cifar10("test", root=root)
-    if args.limit is not None:
-        images, labels = images[: args.limit], labels[: args.limit]
-    return images, labels
+    return subset(images, labels, args.limit)
 
 
 def _evaluate(model, name, images, labels, mean, std, batch_size, progress=True) -> float:

@@ -17,7 +17,7 @@ import torch
 
 from .data import load_fashion_mnist
 from .models.registry import build_model, example_input, load_weights, model_info
-from .sweep import format_table, plot_accuracy, run_sweep, write_csv, write_markdown
+from .sweep import format_table, plot_accuracy, run_sweep, subset, write_csv, write_markdown
 
 __all__ = ["DEMO_MODEL", "DEMO_WEIGHTS", "DEMO_RATIOS", "FAST_RATIOS", "FAST_LIMIT", "demo_weights", "load_demo_model", "run_demo"]
 
@@ -69,7 +69,7 @@ def run_demo(
     """Run the demo, print the results table to ``stream`` and write
     ``results.csv``, ``results.md`` and ``accuracy.png`` into ``out_dir``.
 
-    ``fast`` uses two ratios and the first 1,000 test images (a smoke test);
+    ``fast`` uses two ratios and 1,000 of the test images (a smoke test);
     ``ratios`` and ``limit`` override either mode.
     """
     stream = stream or sys.stdout
@@ -83,8 +83,7 @@ def run_demo(
     info = model_info(DEMO_MODEL)
     model = load_demo_model()
     images, labels = load_fashion_mnist("test")
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
+    images, labels = subset(images, labels, limit)
     print(
         f"lbyl demo: {DEMO_MODEL} on {len(labels):,} FashionMNIST test images; removing "
         f"{', '.join(f'{100 * r:g}%' for r in ratios)} of the channels of every restorable layer "

@@ -24,6 +24,7 @@ __all__ = [
     "FIELDS",
     "UNPRUNED",
     "run_sweep",
+    "subset",
     "write_csv",
     "read_csv",
     "write_markdown",
@@ -37,6 +38,20 @@ FIELDS = (
     "accuracy", "params", "macs", "restore_seconds", "re", "be", "ae",
 )  # fmt: skip
 UNPRUNED = "unpruned"  # method name of the baseline row
+
+
+def subset(images: torch.Tensor, labels: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``limit`` images spread evenly over the set (all of them if ``limit`` is None).
+
+    Evenly spaced rather than the first ``limit``: some copies of a test set
+    are sorted by class, and their first images would all share one label.
+    """
+    if limit is None or limit >= len(labels):
+        return images, labels
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    index = torch.arange(limit) * len(labels) // limit
+    return images[index], labels[index]
 
 
 def _inputs(example_inputs) -> tuple:
