@@ -13,8 +13,9 @@ import torch_pruning as tp
 
 from .correction import consumer_offset, mean_shift
 from .counting import count_ops_and_params, count_params, counting
+from .delivery import delivery_and_loss
 from .criteria import CRITERIA, select_channels
-from .delivery import METHODS, BatchNormStats, ProducerStats, delivery_matrix, restoration_loss
+from .delivery import METHODS, BatchNormStats, ProducerStats, delivery_matrix, gcv_lambda2, restoration_loss
 from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups
 from .report import LayerRecord, Report, SkippedRecord
 from .surgery import add_output_offset, apply_delivery, remove_channels
@@ -38,7 +39,8 @@ def producer_stats(group: RestorableGroup, dropped_inputs: Sequence[int] = ()) -
     if group.bn is not None:
         m = group.bn
         n = weight.shape[0]
-        ones, zeros = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        ones = torch.ones(n, dtype=torch.float64, device=weight.device)
+        zeros = torch.zeros(n, dtype=torch.float64, device=weight.device)
         running_mean = m.running_mean if m.running_mean is not None else zeros
         running_var = m.running_var if m.running_var is not None else ones
         bn = BatchNormStats(
@@ -95,8 +97,12 @@ def _validate(model, ratio, method, criterion, lambda1, lambda2, order):
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     for label, value in (("lambda1", lambda1), ("lambda2", lambda2)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
+        if label == "lambda2" and value == "auto":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"{label} must be a finite number >= 0" + (" or 'auto'" if label == "lambda2" else "") + f", got {value!r}"
+            )
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
@@ -105,6 +111,15 @@ def _validate(model, ratio, method, criterion, lambda1, lambda2, order):
                 f"{name} contains NaN or Inf values; restoration needs finite weights. "
                 "Check the checkpoint (it may be corrupt or from a diverged run)."
             )
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+            bad = (m.running_var.detach().to(torch.float64) + m.eps <= 0).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(
+                    f"BatchNorm {name} has running_var + eps <= 0 in channels {bad[:8]} (eps={m.eps}), so it divides "
+                    "by zero and the model's outputs are not finite. Give that layer a positive eps (PyTorch's "
+                    "default is 1e-5) or check the checkpoint."
+                )
 
 
 def default_layers(groups: list[RestorableGroup]) -> list[RestorableGroup]:
@@ -137,8 +152,9 @@ def _check_finite_edit(group: RestorableGroup, method: str) -> None:
     for consumer in group.consumers:
         module = consumer.module
         tensors = [module.weight, module.bias]
-        if consumer.next_bn is not None:
-            tensors.append(consumer.next_bn.running_mean)
+        next_bn = getattr(consumer, "next_bn", None)  # a BatchNorm whose running mean may be edited
+        if next_bn is not None:
+            tensors.append(next_bn.running_mean)
         if any(t is not None and not torch.isfinite(t).all() for t in tensors):
             raise ValueError(
                 f"restoring layer {group.name!r} with method {method!r} produced NaN or Inf in {consumer.name!r} "
@@ -185,7 +201,7 @@ def restore(
     method: str = "lbyl",
     criterion: str = "l2",
     lambda1: float = 0.0,
-    lambda2: float = 0.0,
+    lambda2: float | str = 0.0,
     layers: str | Sequence[str] | None = None,
     seed: int = 0,
     inplace: bool = False,
@@ -205,6 +221,8 @@ def restore(
         released behaviour, for reproducing published tables).
     criterion : ``"l2"``, ``"l1"``, ``"l2gm"`` or ``"random"`` (seeded by ``seed``).
     lambda1, lambda2 : weights of the BN-bias term and of the coefficient penalty in the LBYL loss.
+        ``lambda2="auto"`` picks it per layer by generalised cross-validation over the
+        filter coordinates (reads the weights only).
     layers : producer names to prune (glob patterns allowed), ``"all"`` for every restorable
         layer, or None (default) for the paper's protocol: every restorable convolution in a
         CNN (hidden Linear layers of the head stay whole), every hidden Linear layer in an MLP.
@@ -254,11 +272,13 @@ def restore(
         kept, pruned = select_channels(ranking_filters(stats), ratios[group.name], criterion, seed)
         device = stats.filters.device
         kept, pruned = kept.to(device), pruned.to(device)
-        delivery = delivery_matrix(method, stats, kept, pruned, lambda1, lambda2)
-        loss = restoration_loss(stats, kept, pruned, delivery)
+        layer_lambda2 = lambda2
+        if lambda2 == "auto":
+            layer_lambda2 = gcv_lambda2(stats, kept, pruned, lambda1) if method == "lbyl" and len(pruned) else 0.0
+        delivery, loss = delivery_and_loss(method, stats, kept, pruned, lambda1, layer_lambda2)
         shift = mean_shift(stats, kept, pruned, delivery, group.activation) if bias_correction else None
         t1 = time.perf_counter()
-        if shift is not None:
+        if shift is not None and len(pruned):  # nothing removed: nothing to correct (and no new bias)
             for consumer in group.consumers:
                 offset = consumer_offset(consumer.module.weight, consumer.positions.to(device), pruned, shift)
                 add_output_offset(consumer.module, offset, consumer.next_bn)
@@ -290,6 +310,7 @@ def restore(
                 bn=group.bn_name,
                 activation=group.activation,
                 kept=kept.tolist(),
+                lambda2=float(layer_lambda2),
             )
         )
     t0 = time.perf_counter()
@@ -305,7 +326,7 @@ def restore(
         method=method,
         criterion=criterion,
         lambda1=float(lambda1),
-        lambda2=float(lambda2),
+        lambda2=lambda2 if lambda2 == "auto" else float(lambda2),
         seed=int(seed),
         order=order,
         bias_correction=bool(bias_correction),

@@ -10,6 +10,8 @@ each kept channel takes over, and every consumer is rewritten as
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,11 +75,24 @@ def prune_delivery(kept: torch.Tensor, pruned: torch.Tensor, *, device=None) -> 
     return torch.zeros(len(kept), len(pruned), dtype=torch.float64, device=device)
 
 
-def _nearest_by_cosine(filters: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
-    """For each pruned filter, the position (in ``kept``) of the most cosine-similar kept filter."""
+def _nearest_by_cosine(
+    filters: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor, usable: torch.Tensor | None = None
+) -> torch.Tensor:
+    """For each pruned filter, the position (in ``kept``) of the most cosine-similar kept filter.
+
+    ``usable`` (N bools) restricts the partners to the kept channels marked True.
+    """
     unit = filters / filters.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     similarity = unit[kept] @ unit[pruned].T  # |K| x |P|
+    if usable is not None:
+        similarity[~usable[kept]] = -torch.inf
     return similarity.argmax(dim=0)
+
+
+def _ratio_or_zero(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator``, and 0 where the denominator is 0."""
+    nonzero = denominator != 0
+    return torch.where(nonzero, numerator, 0) / torch.where(nonzero, denominator, 1)
 
 
 def _one_per_column(match: torch.Tensor, factor: torch.Tensor, n_kept: int) -> torch.Tensor:
@@ -93,13 +108,20 @@ def nm_delivery(stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor) 
     ``S[k, j] = (|w_j| / |w_k|) * (gamma_j / gamma_k) * (sigma_k / sigma_j)``:
     if ``w_j = c w_k`` (c > 0) and the BN biases agree, ReLU(z_j) = S[k, j] ReLU(z_k)
     exactly.
+
+    Degenerate channels: a kept channel whose output does not depend on the
+    input (all-zero filter, or BN gamma exactly 0) cannot take over a pruned
+    one and is never chosen as a partner; a pruned channel of that kind has
+    nothing to deliver (its column of ``S`` is 0), and so has one whose every
+    possible partner is degenerate.
     """
     filters = stats.filters.to(torch.float64)
     g, _ = bn_affine(stats)
-    match = _nearest_by_cosine(filters, kept, pruned)
     norms = filters.norm(dim=1)
+    live = (norms > 0) & (g != 0)
+    match = _nearest_by_cosine(filters, kept, pruned, usable=live)
     k = kept[match]
-    factor = norms[pruned] / norms[k].clamp_min(torch.finfo(torch.float64).tiny) * (g[pruned] / g[k])
+    factor = _ratio_or_zero(norms[pruned] * g[pruned], norms[k] * g[k])
     return _one_per_column(match, factor, len(kept))
 
 
@@ -120,18 +142,28 @@ def nm_paper_delivery(
     similarity to its chosen partner is at least this value, and otherwise
     just drops it (its column of ``S`` stays zero). ``None`` merges every
     pruned channel. The released LeNet-300-100 script uses 0.45.
+
+    Degenerate channels (the release would divide by zero): all-zero filters
+    and BN gamma exactly 0 are handled as in :func:`nm_delivery` (never a
+    partner, nothing delivered), and a running variance below BN's ``eps``
+    counts as ``eps``.
     """
     filters = stats.filters.to(torch.float64)
     if stats.bn is None and stats.bias is not None:
         filters = torch.cat([filters, stats.bias.to(torch.float64)[:, None]], dim=1)
-    match = _nearest_by_cosine(filters, kept, pruned)
     norms = filters.norm(dim=1)
+    live = norms > 0
+    if stats.bn is not None:
+        gamma = stats.bn.gamma.to(torch.float64)
+        live = live & (gamma != 0)
+    match = _nearest_by_cosine(filters, kept, pruned, usable=live)
     k = kept[match]
     tiny = torch.finfo(torch.float64).tiny
-    factor = norms[pruned] / norms[k].clamp_min(tiny)
+    factor = _ratio_or_zero(norms[pruned], norms[k])
     if stats.bn is not None:
-        gamma, var = stats.bn.gamma.to(torch.float64), stats.bn.var.to(torch.float64)
-        factor = factor * (gamma[k] / gamma[pruned]) * (var[pruned] / var[k])
+        var = stats.bn.var.to(torch.float64).clamp_min(max(stats.bn.eps, tiny))
+        factor = factor * _ratio_or_zero(gamma[k], gamma[pruned]) * (var[pruned] / var[k])
+    factor = torch.where(live[k] & live[pruned], factor, 0)
     if threshold is not None:
         cosine = (filters[pruned] * filters[k]).sum(dim=1) / (norms[pruned] * norms[k]).clamp_min(tiny)
         factor = torch.where(cosine >= threshold, factor, torch.zeros_like(factor))
@@ -165,11 +197,29 @@ def lbyl_delivery(
     ``A`` is shared by all pruned channels: one factorisation per layer.
     """
     w, b = scaled_filters(stats)
-    w_kept, w_pruned, b_kept, b_pruned = w[kept], w[pruned], b[kept], b[pruned]
-    eye = torch.eye(len(kept), dtype=torch.float64, device=w.device)
-    gram = w_kept @ w_kept.T + lambda1 * torch.outer(b_kept, b_kept) + lambda2 * eye
-    rhs = w_kept @ w_pruned.T + lambda1 * torch.outer(b_kept, b_pruned)
-    return _solve_spd(gram, rhs)
+    gram, cross = filter_products(w, kept, pruned)
+    return _solve_spd(*lbyl_system(gram, cross, b, kept, pruned, lambda1, lambda2))
+
+
+def filter_products(w: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram matrix ``G = W'_K W'_K^T`` (|K| x |K|) and cross products ``C = W'_K W'_P^T`` (|K| x |P|).
+
+    One matrix product ``W'_K W'^T`` gives both (it costs what the two would).
+    """
+    products = w[kept] @ w.T  # |K| x N
+    return products[:, kept], products[:, pruned]
+
+
+def lbyl_system(
+    gram: torch.Tensor, cross: torch.Tensor, b: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor,
+    lambda1: float, lambda2: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = G + lambda1 b_K b_K^T + lambda2 I`` and ``R = C + lambda1 b_K b_P^T``; then ``S = A^{-1} R``."""
+    b_kept, b_pruned = b[kept], b[pruned]
+    eye = torch.eye(len(kept), dtype=torch.float64, device=gram.device)
+    matrix = gram + lambda1 * torch.outer(b_kept, b_kept) + lambda2 * eye
+    rhs = cross + lambda1 * torch.outer(b_kept, b_pruned)
+    return matrix, rhs
 
 
 def lbyl_paper_delivery(
@@ -192,6 +242,14 @@ def lbyl_paper_delivery(
       and ``d`` itself (not ``K * d``) is delivered. One solve per pruned channel.
     - without BN: ridge regression of ``[w_j | bias_j]`` on ``[W_K | bias_K]``
       with an intercept that is discarded (``lambda1`` is unused).
+
+    Degenerate channels (the release would divide by zero): a channel with BN
+    gamma exactly 0 outputs a constant, so as a kept channel it takes over
+    nothing (its row of ``S`` is 0; the release's penalty ``K_k`` tends to
+    infinity) and as a pruned channel it delivers nothing (its column is 0).
+    A running variance below BN's ``eps`` counts as ``eps``. Singular systems
+    (dead or duplicated kept filters with lambdas 0) get the minimum-norm
+    solution.
     """
     filters = stats.filters.to(torch.float64)
     n_kept = len(kept)
@@ -207,9 +265,15 @@ def lbyl_paper_delivery(
 
     bn = stats.bn
     gamma, beta = bn.gamma.to(torch.float64), bn.beta.to(torch.float64)
-    mean, var = bn.mean.to(torch.float64), bn.var.to(torch.float64)
+    delivery = torch.zeros(n_kept, len(pruned), dtype=torch.float64, device=filters.device)
+    rows, columns = (gamma[kept] != 0).nonzero().flatten(), (gamma[pruned] != 0).nonzero().flatten()
+    if len(rows) == 0 or len(columns) == 0:
+        return delivery
+    kept, pruned, n_kept = kept[rows], pruned[columns], len(rows)
+    mean = bn.mean.to(torch.float64)
+    var = bn.var.to(torch.float64).clamp_min(max(bn.eps, torch.finfo(torch.float64).tiny))
     bias = stats.bias.to(torch.float64) if stats.bias is not None else torch.zeros_like(mean)
-    a = mean - bias - var * beta / gamma
+    a = mean - bias - var * beta / torch.where(gamma != 0, gamma, 1)
     w_kept = filters[kept]
     gram = w_kept @ w_kept.T  # |K| x |K|, shared
     rhs = w_kept @ filters[pruned].T  # |K| x |P|
@@ -219,8 +283,62 @@ def lbyl_paper_delivery(
     diagonal = lambda2 * k_ratio**2 + (lambda1 * c2 * a_kept.dot(a_kept))[:, None]  # |P| x |K|
     matrices = gram.expand(len(pruned), n_kept, n_kept) + torch.diag_embed(diagonal)
     rhs = rhs.T + (lambda1 * c2 * a[pruned])[:, None] * a_kept[None, :]  # |P| x |K|
-    solution = torch.linalg.solve(matrices, rhs.unsqueeze(-1)).squeeze(-1)  # |P| x |K|
-    return solution.T
+    solution, info = torch.linalg.solve_ex(matrices, rhs.unsqueeze(-1))
+    if int(info.max()) != 0:  # singular: minimum-norm solutions
+        solution = torch.linalg.pinv(matrices, hermitian=True) @ rhs.unsqueeze(-1)
+    delivery[rows[:, None], columns[None, :]] = solution.squeeze(-1).T  # |K| x |P|
+    return delivery
+
+
+def gcv_lambda2(
+    stats: ProducerStats,
+    kept: torch.Tensor,
+    pruned: torch.Tensor,
+    lambda1: float = 0.0,
+    grid: Sequence[float] | None = None,
+) -> float:
+    """lambda2 of the exact LBYL loss chosen by generalised cross-validation.
+
+    The exact loss ``|w'_j - W'_K s|^2 + lambda1 (b_j - b_K . s)^2 + lambda2 |s|^2``
+    is a ridge regression whose samples are the coordinates of the augmented
+    filters ``[w'_i | sqrt(lambda1) b_i]`` and whose features are the kept
+    channels. GCV scores each ``lambda2`` by how well the fit predicts held-out
+    coordinates, in its rotation-invariant form (the loss itself is invariant
+    under rotations of the input space when inputs are white)::
+
+        GCV(lambda2) = n * RSS(lambda2) / (n - tr H(lambda2))^2
+
+    pooled over all pruned channels of the layer (one lambda2 per layer, like
+    the single factorisation of :func:`lbyl.delivery.lbyl_delivery`). Only the
+    weights are read. ``grid`` defaults to ``v * 10**t`` for ``t`` in
+    [-6, 2] in steps of 1/20, ``v`` being the mean squared norm of the kept
+    augmented filters.
+    """
+    w, b = scaled_filters(stats)
+    scale = math.sqrt(float(lambda1))
+    x = torch.cat([w[kept], scale * b[kept, None]], dim=1).T  # n x |K|
+    y = torch.cat([w[pruned], scale * b[pruned, None]], dim=1).T  # n x |P|
+    n = x.shape[0]
+    u, d, _ = torch.linalg.svd(x, full_matrices=False)
+    d2 = d**2
+    projected = ((u.T @ y) ** 2).sum(dim=1)  # energy of Y along each singular direction
+    outside = float((y**2).sum() - projected.sum())  # part no lambda2 can fit
+    if grid is None:
+        v = float((x**2).sum(dim=0).mean())
+        grid = [v * 10 ** (t / 20) for t in range(-120, 41)]
+    best, best_score = None, math.inf
+    for lam in grid:
+        shrink = lam / (d2 + lam)
+        rss = outside + float((shrink**2 * projected).sum())
+        dof = n - float((d2 / (d2 + lam)).sum())
+        if dof <= 0:
+            continue
+        score = n * rss / dof**2
+        if score < best_score:
+            best, best_score = float(lam), score
+    if best is None:  # more kept channels than filter entries: every lambda2 interpolates
+        return 0.0
+    return best
 
 
 def delivery_matrix(
@@ -263,3 +381,50 @@ def restoration_loss(
         "be": bias_residual**2,
         "ae": (delivery**2).sum(dim=0),
     }
+
+
+def residual_from_products(
+    w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor,
+    delivery: torch.Tensor, cancellation: float = 1e-6,
+) -> torch.Tensor:
+    """``re_j = |w'_j - W'_K s_j|^2`` as ``|w'_j|^2 - 2 s_j . c_j + s_j^T G s_j``, from ``G`` and ``C``.
+
+    Avoids forming the |P| x M residual. Where the terms cancel to below
+    ``cancellation * |w'_j|^2`` (a nearly exact restoration, where the expanded
+    form loses its digits), the residual is computed directly instead.
+    """
+    sq_norms = (w * w).sum(dim=1)[pruned]
+    re = sq_norms - 2 * (delivery * cross).sum(dim=0) + (delivery * (gram @ delivery)).sum(dim=0)
+    close = (re < cancellation * sq_norms).nonzero().flatten()
+    if len(close):
+        residual = w[pruned[close]] - delivery[:, close].T @ w[kept]
+        re[close] = (residual**2).sum(dim=1)
+    return re
+
+
+def delivery_and_loss(
+    method: str,
+    stats: ProducerStats,
+    kept: torch.Tensor,
+    pruned: torch.Tensor,
+    lambda1: float = 0.0,
+    lambda2: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``delivery_matrix(...)`` and ``restoration_loss(...)`` of it, sharing the work.
+
+    For ``"lbyl"`` the Gram matrix and cross products of the solve also give the
+    residual error (:func:`residual_from_products`); other methods compute both
+    separately.
+    """
+    if method != "lbyl":
+        delivery = delivery_matrix(method, stats, kept, pruned, lambda1, lambda2)
+        return delivery, restoration_loss(stats, kept, pruned, delivery)
+    w, b = scaled_filters(stats)
+    gram, cross = filter_products(w, kept, pruned)
+    delivery = _solve_spd(*lbyl_system(gram, cross, b, kept, pruned, lambda1, lambda2))
+    loss = {
+        "re": residual_from_products(w, gram, cross, kept, pruned, delivery),
+        "be": (b[pruned] - delivery.T @ b[kept]) ** 2,
+        "ae": (delivery**2).sum(dim=0),
+    }
+    return delivery, loss

@@ -22,6 +22,7 @@ class LayerRecord:
     bn: str | None = None
     activation: str = "relu"
     kept: list[int] = field(default_factory=list)  # original indices of the kept channels
+    lambda2: float = 0.0  # the coefficient penalty this layer used (chosen per layer with "auto")
 
 
 @dataclass

@@ -42,6 +42,7 @@ import torch
 
 from .criteria import channel_scores, keep_count
 from .delivery import (
+    gcv_lambda2,
     ProducerStats,
     lbyl_delivery,
     lbyl_paper_delivery,
@@ -91,57 +92,6 @@ Delivery = Callable[[ProducerStats, torch.Tensor, torch.Tensor, str, float], tor
 
 # ---------------------------------------------------------------------------
 # Data-free choice of lambda2 for the exact method
-
-
-def gcv_lambda2(
-    stats: ProducerStats,
-    kept: torch.Tensor,
-    pruned: torch.Tensor,
-    lambda1: float = EXACT_LAMBDA1,
-    grid: Sequence[float] | None = None,
-) -> float:
-    """lambda2 of the exact LBYL loss chosen by generalised cross-validation.
-
-    The exact loss ``|w'_j - W'_K s|^2 + lambda1 (b_j - b_K . s)^2 + lambda2 |s|^2``
-    is a ridge regression whose samples are the coordinates of the augmented
-    filters ``[w'_i | sqrt(lambda1) b_i]`` and whose features are the kept
-    channels. GCV scores each ``lambda2`` by how well the fit predicts held-out
-    coordinates, in its rotation-invariant form (the loss itself is invariant
-    under rotations of the input space when inputs are white)::
-
-        GCV(lambda2) = n * RSS(lambda2) / (n - tr H(lambda2))^2
-
-    pooled over all pruned channels of the layer (one lambda2 per layer, like
-    the single factorisation of :func:`lbyl.delivery.lbyl_delivery`). Only the
-    weights are read. ``grid`` defaults to ``v * 10**t`` for ``t`` in
-    [-6, 2] in steps of 1/20, ``v`` being the mean squared norm of the kept
-    augmented filters.
-    """
-    w, b = scaled_filters(stats)
-    scale = math.sqrt(float(lambda1))
-    x = torch.cat([w[kept], scale * b[kept, None]], dim=1).T  # n x |K|
-    y = torch.cat([w[pruned], scale * b[pruned, None]], dim=1).T  # n x |P|
-    n = x.shape[0]
-    u, d, _ = torch.linalg.svd(x, full_matrices=False)
-    d2 = d**2
-    projected = ((u.T @ y) ** 2).sum(dim=1)  # energy of Y along each singular direction
-    outside = float((y**2).sum() - projected.sum())  # part no lambda2 can fit
-    if grid is None:
-        v = float((x**2).sum(dim=0).mean())
-        grid = [v * 10 ** (t / 20) for t in range(-120, 41)]
-    best, best_score = None, math.inf
-    for lam in grid:
-        shrink = lam / (d2 + lam)
-        rss = outside + float((shrink**2 * projected).sum())
-        dof = n - float((d2 / (d2 + lam)).sum())
-        if dof <= 0:
-            continue
-        score = n * rss / dof**2
-        if score < best_score:
-            best, best_score = float(lam), score
-    if best is None:
-        raise ValueError("GCV is undefined on this grid (every lambda2 fits the filters exactly)")
-    return best
 
 
 # ---------------------------------------------------------------------------
