@@ -175,6 +175,11 @@ def _walk(dg, start, names):
                     raise _Unsupported(f"BatchNorm {label} comes after the activation")
                 if bn_seen is not None:
                     raise _Unsupported("two BatchNorms in a row")
+                if nxt.module.running_mean is None or nxt.module.running_var is None:
+                    raise _Unsupported(
+                        f"BatchNorm {label} keeps no running statistics (track_running_stats=False), "
+                        "so it normalises with the statistics of each batch"
+                    )
                 path.append(label)
                 visit(nxt, nxt.module, relu_seen, reshaped)
             else:
