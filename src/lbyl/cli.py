@@ -1,4 +1,4 @@
-"""Command line interface: ``lbyl restore | eval | sweep | demo``.
+"""Command line interface: ``lbyl restore | eval | sweep | demo | export``.
 
 Run ``lbyl --help`` or ``lbyl <command> --help`` for the details.
 """
@@ -287,6 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="quick run: ratios 0.3,0.6 on 1,000 of the test images")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate on N test images spread evenly over the test set")
     p.set_defaults(func=cmd_demo)
+
+    # export ------------------------------------------------------------------
+    p = sub.add_parser(
+        "export",
+        formatter_class=_Formatter,
+        help="write a restored model as ONNX or TorchScript for deployment",
+        description=(
+            "Rebuild a model saved by 'lbyl restore' and write it as an ONNX or TorchScript file\n"
+            "that runs without lbyl (the batch dimension stays free). ONNX needs\n"
+            "pip install 'lbyl[export]'; with onnxruntime installed the file is checked against\n"
+            "PyTorch on a random batch."
+        ),
+        epilog=(
+            "examples:\n"
+            "  lbyl export --restored r56-lbyl --format onnx --out r56-lbyl.onnx\n"
+            "  lbyl export --restored r56-lbyl --out r56-lbyl.pt      # TorchScript, from the suffix\n"
+        ),
+    )
+    p.add_argument("--restored", required=True, metavar="DIR", help="folder written by 'lbyl restore'")
+    p.add_argument("--format", choices=("onnx", "torchscript"), metavar="FORMAT",
+                   help="onnx or torchscript (default: from the --out suffix, .onnx or .pt)")  # fmt: skip
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -449,6 +472,35 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(args.out, ratios=args.ratios, fast=args.fast, limit=args.limit)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .export import export_model, max_difference
+    from .io import load_restored
+
+    format = args.format
+    if format is None:
+        suffix = Path(args.out).suffix.lower()
+        format = "onnx" if suffix == ".onnx" else "torchscript" if suffix in (".pt", ".pth", ".ts") else None
+        if format is None:
+            raise ValueError(f"cannot tell the format from {args.out!r}: pass --format onnx or --format torchscript")
+    model, plan = load_restored(args.restored)
+    shape = list(plan["input_shape"])
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    try:
+        path = export_model(model, example, args.out, format)
+    except ImportError as error:
+        print(f"lbyl export: error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({format}; input shape {shape}, any batch size)")
+    batch = torch.randn([2, *shape[1:]], generator=torch.Generator().manual_seed(1))
+    try:
+        print(f"largest difference from PyTorch on a random batch of 2: {max_difference(model, path, batch, format):.1e}")
+    except ImportError:
+        print("not checked: install onnxruntime (pip install 'lbyl[export]') to run the ONNX file")
     return 0
 
 
