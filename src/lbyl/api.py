@@ -159,8 +159,9 @@ def _check_finite_edit(group: RestorableGroup, method: str) -> None:
             raise ValueError(
                 f"restoring layer {group.name!r} with method {method!r} produced NaN or Inf in {consumer.name!r} "
                 f"(stored as {module.weight.dtype}): the layer is numerically degenerate (near-zero filters, "
-                "BatchNorm gamma or variance) or the result overflows the weights' dtype. Use method 'lbyl' "
-                "with lambda2 > 0, or leave the layer out (layers=... / a ratio mapping without it)."
+                "BatchNorm gamma or variance) or the result overflows the weights' dtype. Convert a half-precision "
+                "model to float32 first, use method 'lbyl' with lambda2 > 0, or leave the layer out "
+                "(layers=... / a ratio mapping without it)."
             )
 
 
@@ -360,8 +361,9 @@ def shrink(model: nn.Module, example_inputs, kept: Mapping[str, Sequence[int]], 
     for name, indices in kept.items():
         if name not in by_name:
             raise ValueError(
-                f"plan names layer {name!r}, which is not a restorable layer of this model; "
-                "was the plan written for another architecture?"
+                f"plan names layer {name!r}, which is not a restorable layer of this model "
+                f"(restorable layers: {', '.join(by_name) or 'none'}); the plan was written for another "
+                "architecture: rebuild the model it was written for, or restore this model again"
             )
         group = by_name[name]
         keep = set(int(i) for i in indices)

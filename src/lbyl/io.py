@@ -141,12 +141,14 @@ def read_plan(out_dir: str | os.PathLike) -> dict:
     """Read and validate ``plan.json`` of a restored-model folder."""
     folder = Path(out_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"restored-model folder not found: {folder}")
+        raise FileNotFoundError(
+            f"restored-model folder not found: {folder}; give the folder that 'lbyl restore --out' wrote"
+        )
     path = folder / PLAN_FILE
     if not path.is_file():
         raise RestoredFormatError(
             f"{folder} has no {PLAN_FILE}; it is not a restored-model folder written by lbyl "
-            "(or the write did not finish)"
+            "(or the write did not finish); give the folder that 'lbyl restore --out' wrote"
         )
     try:
         plan = json.loads(path.read_text())
@@ -200,7 +202,7 @@ def load_restored(out_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
     if actual != expected:
         raise RestoredFormatError(
             f"checksum mismatch for {weights_path}: plan says {expected}, file has {actual}. "
-            "The weights were changed or corrupted after the plan was written."
+            "The weights were changed or corrupted after the plan was written; run 'lbyl restore' again."
         )
 
     spec = plan["model"]["spec"]

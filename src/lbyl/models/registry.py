@@ -200,7 +200,10 @@ def _read_checkpoint(path: Path, trust_pickle: bool):
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from e
+            raise WeightsError(
+                f"{path}: not a readable safetensors file (corrupt or truncated?); download or save it again. "
+                f"Details: {e}"
+            ) from e
     if trust_pickle:
         warnings.warn(
             f"loading {path} with full unpickling (trust_pickle=True): this can run arbitrary code; "
@@ -219,12 +222,13 @@ def _read_checkpoint(path: Path, trust_pickle: bool):
                 "trust_pickle=True (CLI: --trust-pickle); better, re-save it as a plain state dict. "
                 f"(Refused: {_refused_global(e)})"
             ) from e
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?)") from e
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?); download or save it again") from e
     except (ImportError, AttributeError) as e:
         raise WeightsError(f"{path}: unpickling needs code that cannot be imported here: {e}") from e
     except Exception as e:  # torch raises many types for damaged files
         raise WeightsError(
-            f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {type(e).__name__}: {e}"
+            f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?); download or save it again. "
+            f"Details: {type(e).__name__}: {e}"
         ) from e
 
 
@@ -244,6 +248,7 @@ def load_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
     if not path.is_file():
         raise WeightsFileNotFoundError(
             f"weights file not found: {path}" + (" (it is a directory)" if path.is_dir() else "")
+            + f". Check the path (a relative path starts in {Path.cwd()})"
         )
     obj = _read_checkpoint(path, trust_pickle)
 
@@ -262,7 +267,8 @@ def load_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         found = f"keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else type(obj).__name__
         raise WeightsError(
             f"{path}: no state dict found (expected a mapping of tensor names to tensors, possibly under "
-            f"'state_dict', 'model' or 'net'; found {found})"
+            f"'state_dict', 'model' or 'net'; found {found}). Save the weights with "
+            "torch.save(model.state_dict(), path)"
         )
 
     state = {}

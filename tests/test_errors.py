@@ -1,0 +1,311 @@
+"""The bad-input catalogue: every row of docs/errors.md, triggered for real.
+
+Each case below provokes one mistake; the test checks that the message the
+user sees matches the documented one exactly (``<...>`` in the document
+stands for a path, a number or text that PyTorch supplies).
+"""
+import argparse
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import lbyl
+from helpers import conv_bn_relu_conv
+from lbyl.cli import main
+from lbyl.data import load_cifar10, load_fashion_mnist
+from lbyl.export import export_model
+from lbyl.io import load_restored, save_restored
+from lbyl.models.registry import build_model, example_input, load_weights
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+X = torch.randn(1, 3, 10, 10, dtype=torch.float64)
+
+
+def small():
+    return conv_bn_relu_conv(6, seed=0)
+
+
+def demo_state(tmp_path, name="demo.pt"):
+    path = tmp_path / name
+    torch.save(build_model("demo-cnn").state_dict(), path)
+    return path
+
+
+def restored_folder(tmp_path):
+    model = build_model("demo-cnn").eval()
+    result, report = lbyl.restore(model, example_input("demo-cnn"), 0.5)
+    return save_restored(result, report, tmp_path / "restored", "demo-cnn")
+
+
+def cli(*argv):
+    """Run the command line; returns (exit code, what it printed on stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+    return code, err.getvalue()
+
+
+# --- the cases: each makes one mistake -----------------------------------------------------
+
+
+def example_input_type(tmp_path):
+    lbyl.restore(small(), np.zeros((1, 3, 10, 10)), 0.5)
+
+
+def example_input_shape(tmp_path):
+    lbyl.restore(small(), torch.randn(1, 5, 10, 10, dtype=torch.float64), 0.5)
+
+
+def ratio_out_of_range(tmp_path):
+    lbyl.restore(small(), X, 1.0)
+
+
+def ratio_mapping_value(tmp_path):
+    lbyl.restore(small(), X, {"0": 1.2})
+
+
+def unknown_method(tmp_path):
+    lbyl.restore(small(), X, 0.5, method="merge")
+
+
+def unknown_criterion(tmp_path):
+    lbyl.restore(small(), X, 0.5, criterion="norm")
+
+
+def negative_lambda(tmp_path):
+    lbyl.restore(small(), X, 0.5, lambda1=-1)
+
+
+def unknown_order(tmp_path):
+    lbyl.restore(small(), X, 0.5, order="reverse")
+
+
+def not_a_module(tmp_path):
+    lbyl.restore(lambda x: x, X, 0.5)
+
+
+def no_restorable_layer(tmp_path):
+    lbyl.restore(nn.Sequential(nn.Linear(4, 3)), torch.randn(1, 4), 0.5)
+
+
+def nan_weights(tmp_path):
+    model = small()
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    lbyl.restore(model, X, 0.5)
+
+
+def unknown_layer(tmp_path):
+    lbyl.restore(small(), X, 0.5, layers=["conv9"])
+
+
+def skipped_layer(tmp_path):
+    lbyl.restore(small(), X, 0.5, layers=["3"])
+
+
+def unknown_layer_in_ratio_mapping(tmp_path):
+    lbyl.restore(small(), X, {"features.0": 0.5})
+
+
+def batchnorm_divides_by_zero(tmp_path):
+    model = small()
+    model[1].eps = 0.0
+    with torch.no_grad():
+        model[1].running_var[2] = 0.0
+    lbyl.restore(model, X, 0.5)
+
+
+def half_precision_overflow(tmp_path):
+    # channel 5 duplicates channel 0; merging it doubles consumer weights past float16's 65504
+    from test_degenerate import identical_pair_model
+
+    model = identical_pair_model().half()
+    with torch.no_grad():
+        model[3].weight[:, [0, 5]] = 40000.0
+    lbyl.restore(model, X.half(), 1 / 6, method="nm")
+
+
+def unknown_model(tmp_path):
+    build_model("resnet57")
+
+
+def unimportable_model(tmp_path):
+    build_model("no_such_package.nets:small_cnn")
+
+
+def weights_not_found(tmp_path):
+    load_weights(build_model("demo-cnn"), tmp_path / "missing.pt")
+
+
+def corrupt_weights(tmp_path):
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(b"this is not a checkpoint" * 10)
+    load_weights(build_model("demo-cnn"), path)
+
+
+def truncated_weights(tmp_path):
+    path = demo_state(tmp_path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    load_weights(build_model("demo-cnn"), path)
+
+
+def corrupt_safetensors(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model("demo-cnn").state_dict().items()}, str(path))
+    path.write_bytes(path.read_bytes()[:100])
+    load_weights(build_model("demo-cnn"), path)
+
+
+def mismatched_state_dict(tmp_path):
+    load_weights(build_model("lenet-300-100"), demo_state(tmp_path))
+
+
+def wrong_num_classes(tmp_path):
+    load_weights(build_model("demo-cnn", num_classes=100), demo_state(tmp_path))
+
+
+def pickle_checkpoint(tmp_path):
+    path = tmp_path / "train-checkpoint.pt"
+    torch.save({"state_dict": build_model("demo-cnn").state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    load_weights(build_model("demo-cnn"), path)
+
+
+def no_state_dict(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    load_weights(build_model("demo-cnn"), path)
+
+
+def restored_folder_missing(tmp_path):
+    load_restored(tmp_path / "nowhere")
+
+
+def not_a_restored_folder(tmp_path):
+    load_restored(tmp_path)
+
+
+def tampered_weights(tmp_path):
+    folder = restored_folder(tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    load_restored(folder)
+
+
+def plan_from_another_architecture(tmp_path):
+    folder = restored_folder(tmp_path)
+    plan = json.loads((folder / "plan.json").read_text())
+    plan["model"]["spec"] = "lenet-300-100"
+    (folder / "plan.json").write_text(json.dumps(plan))
+    load_restored(folder)
+
+
+def missing_fashion_mnist(tmp_path):
+    load_fashion_mnist("test", root=tmp_path)
+
+
+def missing_cifar10(tmp_path):
+    load_cifar10("test", root=tmp_path)
+
+
+def export_unknown_format(tmp_path):
+    export_model(small(), X, tmp_path / "model.tflite", "tflite")
+
+
+def cli_ratio_out_of_range(tmp_path):
+    return cli("restore", "--model", "demo-cnn", "--weights", "w.pt", "--ratio", "1.5", "--out", str(tmp_path))
+
+
+def cli_unknown_method(tmp_path):
+    return cli("restore", "--model", "demo-cnn", "--weights", "w.pt", "--ratio", "0.5", "--method", "merge",
+               "--out", str(tmp_path))  # fmt: skip
+
+
+def cli_weights_not_found(tmp_path):
+    return cli("restore", "--model", "demo-cnn", "--weights", str(tmp_path / "missing.pt"), "--ratio", "0.5",
+               "--out", str(tmp_path / "out"))  # fmt: skip
+
+
+def cli_custom_model_without_input_shape(tmp_path):
+    return cli("restore", "--model", "lbyl.models.demo:demo_cnn", "--weights", str(demo_state(tmp_path)),
+               "--ratio", "0.5", "--out", str(tmp_path / "out"))  # fmt: skip
+
+
+def cli_pickle_checkpoint(tmp_path):
+    try:
+        pickle_checkpoint(tmp_path)
+    except ValueError:
+        pass
+    return cli("restore", "--model", "demo-cnn", "--weights", str(tmp_path / "train-checkpoint.pt"), "--ratio", "0.5",
+               "--out", str(tmp_path / "out"))  # fmt: skip
+
+
+def cli_export_unknown_suffix(tmp_path):
+    return cli("export", "--restored", str(restored_folder(tmp_path)), "--out", str(tmp_path / "model.bin"))
+
+
+CASES = {f.__name__.replace("_", "-"): f for f in [
+    example_input_type, example_input_shape, ratio_out_of_range, ratio_mapping_value, unknown_method,
+    unknown_criterion, negative_lambda, unknown_order, not_a_module, no_restorable_layer, nan_weights,
+    unknown_layer, skipped_layer, unknown_layer_in_ratio_mapping, batchnorm_divides_by_zero, half_precision_overflow,
+    unknown_model,
+    unimportable_model, weights_not_found, corrupt_weights, truncated_weights, corrupt_safetensors,
+    mismatched_state_dict, wrong_num_classes, pickle_checkpoint, no_state_dict, restored_folder_missing,
+    not_a_restored_folder, tampered_weights, plan_from_another_architecture, missing_fashion_mnist,
+    missing_cifar10, export_unknown_format, cli_ratio_out_of_range, cli_unknown_method, cli_weights_not_found,
+    cli_custom_model_without_input_shape, cli_pickle_checkpoint, cli_export_unknown_suffix,
+]}  # fmt: skip
+
+
+def observed(case, tmp_path) -> tuple[str, str]:
+    """(error kind, message) that the user sees for ``case``."""
+    try:
+        result = CASES[case](tmp_path)
+    except Exception as error:
+        return type(error).__name__, str(error)
+    assert result is not None, f"{case} raised nothing"
+    code, stderr = result
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return f"exit {code}", lines[-1]
+
+
+# --- the document ----------------------------------------------------------------------------
+
+
+def documented() -> dict[str, tuple[str, str]]:
+    """``{case: (error kind, message)}`` from the catalogue table of docs/errors.md."""
+    rows = {}
+    for line in DOC.read_text().splitlines():
+        match = re.match(r"\|\s*`([a-z0-9-]+)`\s*\|.*\|\s*`([^`]+)`\s*\|\s*`([^`]+)`\s*\|[^|]*\|\s*$", line)
+        if match:
+            rows[match.group(1)] = (match.group(2), match.group(3))
+    return rows
+
+
+def as_pattern(message: str) -> re.Pattern:
+    parts = re.split(r"<[^<>]*>", message)
+    return re.compile(".*?".join(re.escape(p) for p in parts), re.DOTALL)
+
+
+def test_document_lists_every_case():
+    rows = documented()
+    assert len(rows) >= 15
+    assert sorted(rows) == sorted(CASES)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_message_is_the_documented_one(case, tmp_path):
+    kind, message = documented()[case]
+    actual_kind, actual = observed(case, tmp_path)
+    assert actual_kind == kind, actual
+    assert as_pattern(message).fullmatch(actual), f"\ndocumented: {message}\nactual:     {actual}"
