@@ -1,0 +1,79 @@
+"""Smoke configuration of the CIFAR-10 ResNet benchmark (real checkpoint, real test images)."""
+import os
+
+import pytest
+
+from lbyl.bench import cifar10 as bench
+from lbyl.data import assets_root
+
+
+def _needed_assets():
+    root = assets_root()
+    paths = [root / "cifar10-jpeg" / "test_jpg.tar.gz", root / "cifar-lossless-samples"]
+    paths += [root / bench.CHECKPOINTS[label].path for label in bench.SMOKE["checkpoints"]]
+    return [p for p in paths if not p.exists()]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    missing = _needed_assets()
+    if missing:
+        message = f"shared assets absent (set LBYL_ASSETS): {', '.join(map(str, missing))}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    out = tmp_path_factory.mktemp("bench") / "cifar10"
+    assert bench.main(["--config", "smoke", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_structure(smoke):
+    assert {"results.csv", "layers.jsonl", "summary.md", "machine.json", "cifar10-resnet20-jpeg.png"} <= {
+        p.name for p in smoke.iterdir()
+    }
+    rows = bench.read_rows(smoke / "results.csv")
+    assert tuple(rows[0]) == bench.COLUMNS
+    ratios = bench.SMOKE["ratios"]
+    assert len(rows) == 1 + len(ratios) * len(bench.METHODS)
+    assert {r["method"] for r in rows} == {"unpruned", *bench.METHODS}
+    assert all(r["images"] == bench.SMOKE["limit"] for r in rows)
+    assert len({r["key"] for r in rows}) == len(rows)
+    summary = (smoke / "summary.md").read_text()
+    assert "resnet20-jpeg" in summary and "lossless samples" in summary
+    assert (smoke / "cifar10-resnet20-jpeg.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sanity(smoke):
+    rows = bench.read_rows(smoke / "results.csv")
+    base = next(r for r in rows if r["kind"] == "baseline")
+    assert base["lossless"] == "20"  # the JPEG-adapted ResNet-20 classifies all 20 lossless samples
+    assert all(0 <= r["accuracy"] <= 100 for r in rows)
+    for method in bench.METHODS:
+        by_ratio = sorted((r["ratio"], r) for r in rows if r["method"] == method)
+        # nothing removed: the restored model is the unpruned one
+        assert by_ratio[0][0] == 0 and by_ratio[0][1]["accuracy"] == base["accuracy"]
+        assert by_ratio[0][1]["params"] == base["params"] and by_ratio[0][1]["macs"] == base["macs"]
+        params = [base["params"], *(r["params"] for ratio, r in by_ratio if ratio > 0)]
+        assert all(a > b for a, b in zip(params, params[1:])), f"{method}: parameters must shrink with the ratio"
+    lbyl = next(r for r in rows if r["method"] == "lbyl-paper")
+    assert (lbyl["lambda1"], lbyl["lambda2"]) == tuple(bench._fmt(x) for x in bench.PAPER_LAMBDAS)
+
+
+def test_resume_skips_finished_runs(smoke, capsys):
+    before = (smoke / "results.csv").read_text()
+    assert bench.main(["--config", "smoke", "--out", str(smoke), "--no-progress"]) == 0
+    assert (smoke / "results.csv").read_text() == before
+    assert "0 to do" in capsys.readouterr().err
+
+
+def test_keys_follow_the_library_defaults():
+    plan = bench.build_plan("full")
+    run = next(r for r in plan if r.method == "lbyl")
+    assert run.lambda1 is None and run.lambda2 is None  # the benchmark passes nothing: it follows the defaults
+    a = run.key({"lambda1": 0.0, "lambda2": 0.0, "bias_correction": True})
+    b = run.key({"lambda1": 1.0, "lambda2": "auto", "bias_correction": True})
+    assert a != b and "l2=auto" in b
+    prune = next(r for r in plan if r.method == "prune")
+    assert prune.key({"lambda2": 0.0, "bias_correction": True}) == prune.key({"lambda2": 1.0, "bias_correction": True})
+    assert len({r.key({}) for r in plan}) == len(plan)
+    assert len([r for r in plan if r.kind == "main"]) == 5 * 7 * 5 + 3 * 7 * 5
