@@ -12,6 +12,16 @@ import lbyl
 from helpers import conv_bn_relu_conv
 from lbyl.delivery import BatchNormStats, ProducerStats, delivery_matrix
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids thread start-up and contention dominating the runtime."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 X = torch.randn(6, 3, 10, 10, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
 DELIVERING = ("nm", "nm-paper", "lbyl", "lbyl-paper")
 

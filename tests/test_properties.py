@@ -73,18 +73,21 @@ def _finite(model):
     method=methods,
     criterion=criteria,
     lambda1=lambdas,
-    lambda2=lambdas,
+    lambda2=st.one_of(lambdas, st.just("auto")),
     layers=st.sampled_from([None, "all"]),
     order=st.sampled_from(lbyl.api.ORDERS),
+    bias_correction=st.booleans(),
     damage=st.lists(st.sampled_from(DAMAGE), max_size=2),
 )
-def test_restore_never_breaks(spec, seed, ratio, method, criterion, lambda1, lambda2, layers, order, damage):
+def test_restore_never_breaks(
+    spec, seed, ratio, method, criterion, lambda1, lambda2, layers, order, bias_correction, damage
+):
     model = build(spec, seed=seed, damage=damage)
     x = example_input(spec, batch=3, seed=seed)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     restored, report = lbyl.restore(
         model, x[:1], ratio, method=method, criterion=criterion, lambda1=lambda1, lambda2=lambda2,
-        layers=layers, seed=seed, order=order,
+        layers=layers, seed=seed, order=order, bias_correction=bias_correction,
     )  # fmt: skip
     with torch.no_grad():
         reference, out = model(x), restored(x)
@@ -105,7 +108,10 @@ def test_restore_never_breaks(spec, seed, ratio, method, criterion, lambda1, lam
 
 
 @_settings(40)
-@given(spec=specs, seed=seeds, method=methods, criterion=criteria, lambda1=lambdas, lambda2=lambdas)
+@given(
+    spec=specs, seed=seeds, method=methods, criterion=criteria, lambda1=lambdas,
+    lambda2=st.one_of(lambdas, st.just("auto")),
+)  # fmt: skip
 def test_ratio_zero_changes_nothing(spec, seed, method, criterion, lambda1, lambda2):
     model = build(spec, seed=seed)
     x = example_input(spec, batch=3, seed=seed)
