@@ -1,0 +1,1 @@
+"""Benchmarks: restoration speed, memory and the latency of restored models."""
