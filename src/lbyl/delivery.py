@@ -428,3 +428,50 @@ def delivery_and_loss(
         "ae": (delivery**2).sum(dim=0),
     }
     return delivery, loss
+
+
+def residual_from_products(
+    w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor,
+    delivery: torch.Tensor, cancellation: float = 1e-6,
+) -> torch.Tensor:
+    """``re_j = |w'_j - W'_K s_j|^2`` as ``|w'_j|^2 - 2 s_j . c_j + s_j^T G s_j``, from ``G`` and ``C``.
+
+    Avoids forming the |P| x M residual. Where the terms cancel to below
+    ``cancellation * |w'_j|^2`` (a nearly exact restoration, where the expanded
+    form loses its digits), the residual is computed directly instead.
+    """
+    sq_norms = (w * w).sum(dim=1)[pruned]
+    re = sq_norms - 2 * (delivery * cross).sum(dim=0) + (delivery * (gram @ delivery)).sum(dim=0)
+    close = (re < cancellation * sq_norms).nonzero().flatten()
+    if len(close):
+        residual = w[pruned[close]] - delivery[:, close].T @ w[kept]
+        re[close] = (residual**2).sum(dim=1)
+    return re
+
+
+def delivery_and_loss(
+    method: str,
+    stats: ProducerStats,
+    kept: torch.Tensor,
+    pruned: torch.Tensor,
+    lambda1: float = 0.0,
+    lambda2: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``delivery_matrix(...)`` and ``restoration_loss(...)`` of it, sharing the work.
+
+    For ``"lbyl"`` the Gram matrix and cross products of the solve also give the
+    residual error (:func:`residual_from_products`); other methods compute both
+    separately.
+    """
+    if method != "lbyl":
+        delivery = delivery_matrix(method, stats, kept, pruned, lambda1, lambda2)
+        return delivery, restoration_loss(stats, kept, pruned, delivery)
+    w, b = scaled_filters(stats)
+    gram, cross = filter_products(w, kept, pruned)
+    delivery = _solve_spd(*lbyl_system(gram, cross, b, kept, pruned, lambda1, lambda2))
+    loss = {
+        "re": residual_from_products(w, gram, cross, kept, pruned, delivery),
+        "be": (b[pruned] - delivery.T @ b[kept]) ** 2,
+        "ae": (delivery**2).sum(dim=0),
+    }
+    return delivery, loss
