@@ -21,11 +21,26 @@ def fold_into_consumer(
     input columns of each producer channel (one slot per channel for a conv,
     ``H*W`` after a flatten). Computed in float64, returned in the input dtype.
     """
-    w = weight.detach().to(torch.float64).clone()
-    blocks = w[:, positions]  # (out, channels, slots, *kernel)
-    delivered = torch.einsum("oj...,kj->ok...", blocks[:, pruned], delivery.to(w.device, torch.float64))
-    w[:, positions[kept]] = blocks[:, kept] + delivered
-    return w.to(weight.dtype)
+    result = weight.detach().clone()
+    fold_into_consumer_(result, positions, kept, pruned, delivery)
+    return result
+
+
+def fold_into_consumer_(
+    weight: torch.Tensor,
+    positions: torch.Tensor,
+    kept: torch.Tensor,
+    pruned: torch.Tensor,
+    delivery: torch.Tensor,
+) -> None:
+    """In-place :func:`fold_into_consumer`: only the kept columns are read, computed and written.
+
+    Same float64 arithmetic; no copy of the whole weight.
+    """
+    kept_columns = positions[kept]  # (|K|, slots)
+    pruned_blocks = weight[:, positions[pruned]].to(torch.float64)  # (out, |P|, slots, *kernel)
+    delivered = torch.einsum("oj...,kj->ok...", pruned_blocks, delivery.to(weight.device, torch.float64))
+    weight[:, kept_columns] = (weight[:, kept_columns].to(torch.float64) + delivered).to(weight.dtype)
 
 
 def apply_delivery(consumers: list[Consumer], kept, pruned, delivery) -> None:
@@ -33,7 +48,7 @@ def apply_delivery(consumers: list[Consumer], kept, pruned, delivery) -> None:
     with torch.no_grad():
         for consumer in consumers:
             weight = consumer.module.weight
-            weight.copy_(fold_into_consumer(weight, consumer.positions.to(weight.device), kept, pruned, delivery))
+            fold_into_consumer_(weight, consumer.positions.to(weight.device), kept, pruned, delivery)
 
 
 def add_output_offset(module: nn.Module, offset: torch.Tensor, next_bn: nn.Module | None = None, where: str = "auto") -> str:
