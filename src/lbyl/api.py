@@ -14,7 +14,6 @@ import torch_pruning as tp
 from .correction import consumer_offset, mean_shift
 from .counting import count_ops_and_params, count_params, counting
 from .delivery import delivery_and_loss
-from .delivery import delivery_and_loss
 from .criteria import CRITERIA, select_channels
 from .delivery import METHODS, BatchNormStats, ProducerStats, delivery_matrix, gcv_lambda2, restoration_loss
 from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups
