@@ -108,7 +108,7 @@ def _validate(model, ratio, method, criterion, lambda1, lambda2, order):
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not _all_finite(tensor):
             raise ValueError(
                 f"{name} contains NaN or Inf values; restoration needs finite weights. "
                 "Check the checkpoint (it may be corrupt or from a diverged run)."
@@ -122,6 +122,16 @@ def _validate(model, ratio, method, criterion, lambda1, lambda2, order):
                     "by zero and the model's outputs are not finite. Give that layer a positive eps (PyTorch's "
                     "default is 1e-5) or check the checkpoint."
                 )
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """True when no entry is NaN or infinite.
+
+    A sum is finite only if every entry is, so one reduction (no boolean copy of
+    the tensor) settles the usual case; a sum that overflows is checked entry by entry.
+    """
+    with torch.no_grad():
+        return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def default_layers(groups: list[RestorableGroup]) -> list[RestorableGroup]:
@@ -157,7 +167,7 @@ def _check_finite_edit(group: RestorableGroup, method: str) -> None:
         next_bn = getattr(consumer, "next_bn", None)  # a BatchNorm whose running mean may be edited
         if next_bn is not None:
             tensors.append(next_bn.running_mean)
-        if any(t is not None and not torch.isfinite(t).all() for t in tensors):
+        if any(t is not None and not _all_finite(t) for t in tensors):
             raise ValueError(
                 f"restoring layer {group.name!r} with method {method!r} produced NaN or Inf in {consumer.name!r} "
                 f"(stored as {module.weight.dtype}): the layer is numerically degenerate (near-zero filters, "
