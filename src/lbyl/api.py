@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .correction import consumer_offset, mean_shift
+from .correction import consumer_offset, mean_shift, padded_conv_coverage
 from .counting import count_ops_and_params, count_params, counting
 from .delivery import delivery_and_loss
 from .criteria import CRITERIA, select_channels
@@ -279,13 +279,17 @@ def restore(
         chosen = _select(groups, skipped, layers)
         ratios = {g.name: ratio for g in chosen}
 
-    # snapshot every producer before any consumer is edited (the paper's protocol)
-    original = {g.name: producer_stats(g) for g in chosen} if order == "original" else {}
+    # the paper's protocol reads every producer as it was before any consumer was edited: a producer
+    # is snapshotted just before the first edit that reaches it, so one layer's copy is held at a time
+    original, unread = {}, ({g.producer: g for g in chosen} if order == "original" else {})
+    # border taps of padded consumers read zeros: weight the mean correction by tap coverage
+    coverage = padded_conv_coverage(target, inputs, [c.module for g in chosen for c in g.consumers]) if bias_correction else {}
     out_channels, in_channels, records = {}, {}, []
     t_delivery = t_surgery = 0.0
     for group in chosen:
         t0 = time.perf_counter()
-        stats = original.get(group.name) or producer_stats(group, sorted(in_channels.get(group.producer, ())))
+        unread.pop(group.producer, None)
+        stats = original.pop(group.name, None) or producer_stats(group, sorted(in_channels.get(group.producer, ())))
         kept, pruned = select_channels(ranking_filters(stats), ratios[group.name], criterion, seed)
         device = stats.filters.device
         kept, pruned = kept.to(device), pruned.to(device)
@@ -294,10 +298,16 @@ def restore(
             layer_lambda2 = gcv_lambda2(stats, kept, pruned, lambda1) if method == "lbyl" and len(pruned) else 0.0
         delivery, loss = delivery_and_loss(method, stats, kept, pruned, lambda1, layer_lambda2)
         shift = mean_shift(stats, kept, pruned, delivery, group.activation) if bias_correction else None
+        for consumer in group.consumers:  # about to be edited: keep what a later group must read
+            if consumer.module in unread:
+                later = unread.pop(consumer.module)
+                original[later.name] = producer_stats(later)
         t1 = time.perf_counter()
         if shift is not None and len(pruned):  # nothing removed: nothing to correct (and no new bias)
             for consumer in group.consumers:
-                offset = consumer_offset(consumer.module.weight, consumer.positions.to(device), pruned, shift)
+                offset = consumer_offset(
+                    consumer.module.weight, consumer.positions.to(device), pruned, shift, coverage.get(consumer.module)
+                )
                 add_output_offset(consumer.module, offset, consumer.next_bn)
         apply_delivery(group.consumers, kept, pruned, delivery)
         _check_finite_edit(group, method)

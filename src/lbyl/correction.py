@@ -51,13 +51,68 @@ def mean_shift(
     return expected[pruned] - delivery.to(torch.float64).T @ expected[kept]
 
 
-def consumer_offset(weight: torch.Tensor, positions: torch.Tensor, pruned: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def tap_coverage(input_size, kernel_size, stride, padding, dilation) -> torch.Tensor:
+    """Fraction of a convolution's output positions at which each kernel tap reads the
+    input rather than zero padding (a tensor shaped like the kernel)."""
+    per_dim = []
+    for size, k, s, p, d in zip(input_size, kernel_size, stride, padding, dilation):
+        outputs = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        first = torch.arange(outputs) * s - p  # input index read by tap 0
+        taps = first[None, :] + d * torch.arange(k)[:, None]  # (k, outputs)
+        per_dim.append(((taps >= 0) & (taps < size)).to(torch.float64).mean(dim=1))
+    coverage = per_dim[0]
+    for factor in per_dim[1:]:
+        coverage = coverage[..., None] * factor
+    return coverage
+
+
+def consumer_offset(
+    weight: torch.Tensor,
+    positions: torch.Tensor,
+    pruned: torch.Tensor,
+    shift: torch.Tensor,
+    coverage: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Constant change of each consumer output: ``sum_j shift_j * sum(V[o, slots of j])``.
 
     Every spatial tap and flatten slot of a pruned channel sees the same mean.
-    At a zero-padded border a conv sees fewer taps, so there the correction
-    slightly overshoots; the interior is exact under the Gaussian model.
+    A convolution's taps that fall on zero padding at the border see nothing,
+    so each tap is weighted by ``coverage`` (see :func:`tap_coverage`): the
+    correction is then right on average over the output positions.
     """
     blocks = weight.detach().to(torch.float64)[:, positions[pruned]]  # (out, P, slots, *kernel)
+    if coverage is not None:
+        blocks = blocks * coverage.to(blocks.device)
     per_channel = blocks.flatten(start_dim=2).sum(dim=2)  # (out, P)
     return per_channel @ shift.to(per_channel.device)
+
+
+def padded_conv_coverage(model, inputs, modules) -> dict:
+    """``tap_coverage`` of every padded convolution in ``modules``, from one shape-only pass."""
+    from .counting import _shape_only_forward
+
+    convs = [m for m in modules if isinstance(m, torch.nn.modules.conv._ConvNd) and any(_padding(m))]
+    if not convs:
+        return {}
+    sizes = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out: sizes.__setitem__(mod, tuple(args[0].shape[2:]))) for m in convs]
+    try:
+        with torch.no_grad():
+            try:
+                _shape_only_forward(model, inputs)
+            except Exception:  # a forward that needs real values
+                model(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {
+        m: tap_coverage(sizes[m], m.kernel_size, m.stride, _padding(m), m.dilation) for m in convs if m in sizes
+    }
+
+
+def _padding(conv) -> tuple[int, ...]:
+    if isinstance(conv.padding, str):  # "same" pads by (kernel - 1) * dilation / 2 around
+        if conv.padding == "valid":
+            return (0,) * len(conv.kernel_size)
+        return tuple((k - 1) * d // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    return tuple(conv.padding)
