@@ -199,8 +199,9 @@ def build_plan(
 ) -> list[Run]:
     """Every run of a configuration, most important first.
 
-    ``full``: the JPEG-adapted checkpoints with criterion L2, then (``oracle``)
-    the lambda grid, then the original checkpoints, then the other criteria on
+    ``full``: criterion L2 on the JPEG-adapted checkpoints and the small
+    originals, the ResNet-20 (JPEG) lambda grid (``oracle``), ResNet-56
+    (original), the ResNet-56 (JPEG) grid, then the other criteria on
     ResNet-56 (JPEG). ``smoke``: one checkpoint, two ratios, 500 images. The oracle's
     best points (kind ``oracle-best``) depend on the grid's results and are
     added by :func:`oracle_best_runs`.
@@ -213,18 +214,26 @@ def build_plan(
         raise ValueError(f"unknown config {config!r}; use 'full' or 'smoke'")
     images = limit or 10000
     labels = list(checkpoints or CHECKPOINTS)
-    adapted = [label for label in labels if label.endswith("-jpeg")]
-    plan = [r for label in adapted for r in _main_runs(label, RATIOS, ("l2",), images)]
-    if oracle:  # early: it guides the choice of the library defaults
-        n = min(oracle_limit, images)
-        for label in (c for c in ORACLE_CHECKPOINTS if c in labels):
-            plan.append(Run(label, "baseline", images=n))
-            for ratio in ORACLE_RATIOS:
-                for method in LAMBDA_METHODS:
-                    for l1 in lambda1_grid:
-                        for l2 in lambda2_grid:
-                            plan.append(Run(label, "oracle", ratio, method, "l2", float(l1), float(l2), images=n))
-    plan += [r for label in labels if label not in adapted for r in _main_runs(label, RATIOS, ("l2",), images)]
+    n = min(oracle_limit, images)
+
+    def grid(label: str) -> list[Run]:
+        if not oracle or label not in ORACLE_CHECKPOINTS:
+            return []
+        runs = [Run(label, "baseline", images=n)]
+        for ratio in ORACLE_RATIOS:
+            for method in LAMBDA_METHODS:
+                for l1 in lambda1_grid:
+                    for l2 in lambda2_grid:
+                        runs.append(Run(label, "oracle", ratio, method, "l2", float(l1), float(l2), images=n))
+        return runs
+
+    # cheap and important first: the JPEG-adapted checkpoints, the small originals, the ResNet-20 grid
+    first = [label for label in ("resnet20-jpeg", "resnet56-jpeg", "resnet20", "resnet32") if label in labels]
+    rest = [label for label in labels if label not in first]
+    plan = [r for label in first for r in _main_runs(label, RATIOS, ("l2",), images)]
+    plan += grid("resnet20-jpeg") if "resnet20-jpeg" in labels else []
+    plan += [r for label in rest for r in _main_runs(label, RATIOS, ("l2",), images)]
+    plan += [r for label in ORACLE_CHECKPOINTS if label in labels and label != "resnet20-jpeg" for r in grid(label)]
     if CRITERIA_CHECKPOINT in labels:
         plan += [r for r in _main_runs(CRITERIA_CHECKPOINT, RATIOS, EXTRA_CRITERIA, images) if r.kind != "baseline"]
     return plan
@@ -1076,16 +1085,18 @@ def run(args: argparse.Namespace) -> int:
             pending = [r for r in plan if r.key(defaults) not in done]
             log(f"{len(plan)} planned runs, {len(plan) - len(pending)} already in {out / 'results.csv'}, "
                 f"{len(pending)} to do")  # fmt: skip
-            # the oracle's best points are re-scored as soon as the grid is done
-            last = max((i for i, r in enumerate(pending) if r.kind == "oracle"), default=-1)
-            execute = lambda runs: _execute(  # noqa: E731
-                runs, out, assets, defaults, commit, not args.no_progress, args.batch_size, log
-            )
-            execute(pending[: last + 1])
-            if args.oracle:
-                rows = latest_by_key(read_rows(out / "results.csv"))
-                execute([r for r in oracle_best_runs(plan, rows, defaults, args.limit or 10000) if r.key(defaults) not in rows])
-            execute(pending[last + 1 :])
+            # segments end after each lambda grid: its best point is re-scored at once
+            ends = [i + 1 for i, r in enumerate(pending) if r.kind == "oracle"
+                    and (i + 1 == len(pending) or pending[i + 1].kind != "oracle")]  # fmt: skip
+            start = 0
+            for end in [*ends, len(pending)]:
+                _execute(pending[start:end], out, assets, defaults, commit, not args.no_progress, args.batch_size, log)
+                start = end
+                if args.oracle:
+                    rows = latest_by_key(read_rows(out / "results.csv"))
+                    best = oracle_best_runs(plan, rows, defaults, args.limit or 10000)
+                    best = [r for r in best if r.key(defaults) not in rows]
+                    _execute(best, out, assets, defaults, commit, not args.no_progress, args.batch_size, log)
     if not (out / "results.csv").is_file():
         raise FileNotFoundError(f"no results in {out} (run the benchmark first)")
     summary = write_report(out, plan, defaults, Path(args.doc) if args.doc else None, args.oracle, args.limit, args.config)
