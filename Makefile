@@ -18,9 +18,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,export]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 # FashionMNIST (evaluation data) from the Debian package dataset-fashion-mnist
