@@ -143,3 +143,44 @@ def test_restore_still_rejects_inputs_the_model_cannot_take_as_arguments():
     inputs = (torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="cannot run on example_inputs"):
         lbyl.restore(TakesATuple().eval(), inputs, 0.5)
+
+
+class Concatenated(nn.Module):
+    """Two pruned branches joined by a concatenation, then a counted activation and pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Conv2d(14, 4, 3)
+
+    def forward(self, x):
+        joined = torch.cat([self.bn_a(self.a(x)), self.bn_b(self.b(x))], dim=1)
+        return self.head(self.pool(self.relu(joined)))
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vgg16-bn-cifar", "lenet-300-100"])
+def test_recount_without_a_forward_pass(name):
+    model = build_model(name).eval()
+    inputs = small_input(name, batch=2)
+    with counting.counting(model, record=True) as tally:
+        build_dependency_graph(model, inputs)
+    assert tally.resolve()
+    restored, _ = lbyl.restore(model, inputs, 0.3, method="prune", inplace=True)
+    assert tally.macs_after() == reference(restored, inputs)[0]
+
+
+def test_concatenation_is_recounted_by_running_the_model():
+    torch.manual_seed(0)
+    model = Concatenated().eval()
+    inputs = torch.randn(2, 3, 8, 8)
+    with counting.counting(model, record=True) as tally:
+        build_dependency_graph(model, inputs)
+    assert not tally.resolve()  # the activation reads a concatenation
+    restored, report = lbyl.restore(model, inputs, 0.5)
+    assert report.layers and (report.macs_after, report.params_after) == tuple(map(int, reference(restored, inputs)))
+    assert report.macs_before == int(reference(model, inputs)[0])

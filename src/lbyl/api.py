@@ -12,11 +12,11 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .correction import consumer_offset, mean_shift, padded_conv_coverage
-from .counting import count_ops_and_params, count_params, counting
+from .counting import MacTally, count_ops_and_params, count_params, counting, recount
 from .delivery import delivery_and_loss
 from .criteria import CRITERIA, select_channels
 from .delivery import METHODS, BatchNormStats, ProducerStats, delivery_matrix, gcv_lambda2, restoration_loss
-from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups
+from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups, release_trace
 from .report import LayerRecord, Report, SkippedRecord
 from .surgery import add_output_offset, apply_delivery, remove_channels
 
@@ -189,13 +189,14 @@ def _forward_check(model, inputs):
         ) from error
 
 
-def _trace(model, inputs) -> tuple[tp.DependencyGraph, float]:
+def _trace(model, inputs) -> tuple[tp.DependencyGraph, float, MacTally]:
     """Trace the dependency graph; its forward pass also checks the inputs and counts the MACs.
 
-    Returns the graph and the model's MACs per sample (those of
-    ``tp.utils.count_ops_and_params``), so restoring needs one forward pass, not four.
+    Returns the graph, the model's MACs per sample (those of
+    ``tp.utils.count_ops_and_params``) and the tally that recounts them once
+    channels are removed, so restoring needs one forward pass, not four.
     """
-    with counting(model) as tally:
+    with counting(model, record=True) as tally:
         try:
             dg = build_dependency_graph(model, inputs)
         except Exception:
@@ -203,8 +204,9 @@ def _trace(model, inputs) -> tuple[tp.DependencyGraph, float]:
             raise
     if tally.passes != 1:  # the tracer retried model(inputs) after model(*inputs) failed
         _forward_check(model, inputs)
+    tally.resolve()
     macs = tally.macs if tally.complete else count_ops_and_params(model, inputs)[0]
-    return dg, macs
+    return dg, macs, tally
 
 
 def restore(
@@ -263,8 +265,9 @@ def restore(
     params_before = count_params(target)
 
     t0 = time.perf_counter()
-    dg, macs_before = _trace(target, inputs)
+    dg, macs_before, tally = _trace(target, inputs)
     groups, skipped = find_groups(target, inputs, dg=dg)
+    release_trace(dg)  # the recorded autograd graph would keep every replaced weight alive
     timings = {"graph": time.perf_counter() - t0}
     if not groups:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped) or "the model has no Conv/Linear layer"
@@ -344,7 +347,7 @@ def restore(
     remove_channels(out_channels, in_channels)
     timings.update(delivery=t_delivery, surgery=t_surgery + time.perf_counter() - t0)
 
-    macs_after, params_after = count_ops_and_params(target, inputs)
+    macs_after, params_after = recount(tally, target, inputs)
     target.train(was_training)
     if inplace:
         model.train(was_training)

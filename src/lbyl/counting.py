@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from fractions import Fraction
 from collections.abc import Callable, Iterator
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.utils import op_counter as _tp_counter
 
-__all__ = ["MacTally", "count_macs", "count_ops_and_params", "count_params", "counting", "supported"]
+__all__ = ["MacTally", "count_macs", "count_ops_and_params", "count_params", "counting", "recount", "supported"]
 
 
 def _numel(shape) -> int:
@@ -33,8 +34,11 @@ def _numel(shape) -> int:
 
 
 def _conv(module, inputs, output) -> int:
-    batch = int(inputs[0].shape[0])
-    positions = batch * _numel(output.shape[2:])
+    return _conv_macs(module, int(inputs[0].shape[0]), output.shape[2:])
+
+
+def _conv_macs(module, batch: int, out_size) -> int:
+    positions = batch * _numel(out_size)
     per_position = _numel(module.kernel_size) * module.in_channels * (module.out_channels // module.groups)
     bias = module.out_channels * positions if module.bias is not None else 0
     return per_position * positions + bias
@@ -107,6 +111,30 @@ def _counted_modules(module: nn.Module, multiplicity: dict[nn.Module, int]) -> N
         _counted_modules(child, multiplicity)
 
 
+class _Unresolved(Exception):
+    pass
+
+
+#: autograd nodes whose output has the channels of their (first) input, scaled alike
+_PASSTHROUGH = (
+    "Relu", "Threshold", "Hardtanh", "LeakyRelu", "Elu", "Gelu", "Silu", "Sigmoid", "Tanh", "Hardswish",
+    "Hardsigmoid", "Mish", "Softplus", "MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool",
+    "NativeBatchNorm", "CudnnBatchNorm", "BatchNorm", "Add", "Sub", "Mul", "Div", "Neg", "Clone", "Alias",
+    "View", "UnsafeView", "Reshape", "Upsample", "ConstantPadNd", "ReflectionPad", "ReplicationPad",
+    "Squeeze", "Unsqueeze", "Contiguous", "ToCopy",
+)
+
+
+class _Call:
+    """One counted module call: its MACs and how to recount them once channels are removed."""
+
+    __slots__ = ("module", "macs", "in_shape", "out_size", "sources", "input_node")
+
+    def __init__(self, module, macs, in_shape, out_size, input_node):
+        self.module, self.macs, self.in_shape, self.out_size = module, macs, in_shape, out_size
+        self.input_node, self.sources = input_node, frozenset()
+
+
 class MacTally:
     """MACs accumulated by the forward passes seen while :func:`counting` was active."""
 
@@ -115,6 +143,9 @@ class MacTally:
         self.batch = 0
         self.passes = 0  # forward calls of the model itself, finished or not
         self.complete = False  # set when the model had only supported types
+        self.calls: list[_Call] | None = None  # kept by counting(record=True)
+        self._producers: dict = {}  # autograd node of a Conv/Linear output -> (module, channels)
+        self._multiplicity: dict = {}
 
     @property
     def macs(self) -> float:
@@ -123,22 +154,135 @@ class MacTally:
             raise RuntimeError("no forward pass was counted")
         return self.total / self.batch
 
+    def resolve(self) -> bool:
+        """Find, for every recorded call, the Conv/Linear whose channels its input carries.
+
+        Run while the autograd graph of the recorded pass is alive; drops every
+        reference to it. Returns False (and :meth:`macs_after` is unavailable)
+        when some input comes through an operation that mixes or regroups
+        channels in a way this module does not follow (concatenation, transpose, ...).
+        """
+        calls, producers, self._producers = self.calls, self._producers, {}
+        if calls is None:
+            return False
+        memo: dict = {}
+        try:
+            for call in calls:
+                node, call.input_node = call.input_node, None
+                if not isinstance(call.module, (*_CONVS, nn.Linear, *_NORMS)):
+                    call.sources = _sources(node, producers, memo)
+        except _Unresolved:
+            self.calls = None
+            for call in calls:
+                call.input_node = None
+            return False
+        return True
+
+    def macs_after(self) -> float:
+        """MACs per sample of the same model after channels were removed, without running it.
+
+        Convolutions and Linear layers are recounted from their current shapes,
+        normalisation layers from their current channel count, and every other
+        counted call (activations, pooling) scaled by the fraction of channels its
+        source Conv/Linear layer kept. Needs :meth:`resolve`.
+        """
+        if self.calls is None:
+            raise RuntimeError("no resolved recording; count with count_ops_and_params instead")
+        total = 0
+        for call in self.calls:
+            total += _recount(call) * self._multiplicity[call.module]
+        return total / self.batch
+
+
+def _sources(node, producers, memo) -> frozenset:
+    """The Conv/Linear outputs ``(module, channels when recorded)`` whose channels ``node``'s tensor carries.
+
+    Empty for the model input or a parameter. Follows element-wise operations,
+    pooling, normalisation and reshapes (a residual add carries both branches);
+    raises ``_Unresolved`` on anything else (concatenation, transpose, ...).
+    """
+    if node is None:
+        return frozenset()
+    if node in producers:
+        return frozenset([producers[node]])
+    if node in memo:
+        return memo[node]
+    name = node.name()
+    if name.endswith("AccumulateGrad"):  # a parameter
+        return frozenset()
+    if not name.startswith(_PASSTHROUGH):
+        raise _Unresolved(name)
+    found = frozenset().union(*(_sources(n, producers, memo) for n, _ in node.next_functions))
+    memo[node] = found
+    return found
+
+
+def _out_channels(module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _norm_channels(module) -> int:
+    return module.num_channels if isinstance(module, nn.GroupNorm) else module.num_features
+
+
+def _recount(call: _Call) -> int:
+    module, shape = call.module, call.in_shape
+    if isinstance(module, _CONVS):  # the batch and output size stay; the layer's shape is read now
+        return _conv_macs(module, shape[0], call.out_size)
+    if isinstance(module, nn.Linear):
+        rows = _numel(shape) // shape[-1]
+        return rows * module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
+    if isinstance(module, _NORMS):
+        return _numel(shape) // shape[1] * _norm_channels(module) * (2 if module.affine else 1)
+    if not call.sources:
+        return call.macs
+    kept = {Fraction(_out_channels(m), channels) for m, channels in call.sources}
+    if len(kept) != 1:
+        raise RuntimeError(f"the input of a {type(module).__name__} joins layers pruned to different fractions")
+    scaled = call.macs * kept.pop()
+    if scaled.denominator != 1:
+        raise RuntimeError(f"channel scaling of a {type(module).__name__} is not exact")
+    return int(scaled)
+
 
 @contextlib.contextmanager
-def counting(model: nn.Module) -> Iterator[MacTally]:
+def counting(model: nn.Module, record: bool = False) -> Iterator[MacTally]:
     """Count the MACs of every forward pass of ``model`` inside the ``with`` block.
 
     Hooks only read shapes, so they cost nothing measurable; ``tally.complete`` is
     False when the model has a module type without a formula here (then use
-    :func:`count_ops_and_params`, which falls back to the reference).
+    :func:`count_ops_and_params`, which falls back to the reference). With
+    ``record=True`` (and autograd recording the pass) the calls are kept, so that
+    after :meth:`MacTally.resolve` the model can be recounted once channels are
+    removed (:meth:`MacTally.macs_after`) without another forward pass.
     """
     tally = MacTally()
     tally.complete = supported(model)
     multiplicity: dict[nn.Module, int] = {}
     _counted_modules(model, multiplicity)
+    tally._multiplicity = multiplicity
+    if record:
+        tally.calls = []
+    pending: dict[nn.Module, list] = {}
+
+    def before(module, inputs):
+        first = inputs[0] if inputs else None
+        node = first.grad_fn if isinstance(first, torch.Tensor) else None
+        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else None
+        pending.setdefault(module, []).append((node, shape))
 
     def count(module, inputs, output):
-        tally.total += FORMULAS[type(module)](module, inputs, output) * multiplicity[module]
+        macs = FORMULAS[type(module)](module, inputs, output)
+        tally.total += macs * multiplicity[module]
+        if tally.calls is not None:
+            node, shape = pending[module].pop()
+            if shape is None or not isinstance(output, torch.Tensor):
+                tally.calls = None  # cannot follow this call: recount by running the model
+                return
+            tally.calls.append(_Call(module, macs, shape, tuple(output.shape[2:]), node))
+            if isinstance(module, (*_CONVS, nn.Linear)) and output.grad_fn is not None:
+                channels = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[1]
+                tally._producers[output.grad_fn] = (module, int(channels))
 
     def batch(module, inputs, output):
         tally.batch += len(inputs[0]) if inputs else 1
@@ -147,6 +291,8 @@ def counting(model: nn.Module) -> Iterator[MacTally]:
         tally.passes += 1
 
     handles = [model.register_forward_pre_hook(started), model.register_forward_hook(batch)]
+    if record:
+        handles += [m.register_forward_pre_hook(before) for m in multiplicity]
     handles += [m.register_forward_hook(count) for m in multiplicity]
     try:
         yield tally
@@ -209,3 +355,18 @@ def count_ops_and_params(model: nn.Module, example_inputs) -> tuple[float, int]:
     if not supported(model):
         return tp.utils.count_ops_and_params(model, example_inputs)
     return count_macs(model, example_inputs), count_params(model)
+
+
+def recount(tally: MacTally, model: nn.Module, example_inputs) -> tuple[float, int]:
+    """``(MACs, parameters)`` of ``model`` after channels were removed.
+
+    From the tally of its traced pass when every counted call could be followed
+    (:meth:`MacTally.macs_after`: no forward pass); otherwise by
+    :func:`count_ops_and_params`.
+    """
+    if tally.complete and tally.calls is not None:
+        try:
+            return tally.macs_after(), count_params(model)
+        except RuntimeError:
+            pass
+    return count_ops_and_params(model, example_inputs)

@@ -105,6 +105,17 @@ def build_dependency_graph(model: nn.Module, example_inputs) -> tp.DependencyGra
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
 
 
+def release_trace(dg: tp.DependencyGraph) -> None:
+    """Drop the autograd graph a trace recorded; ``dg`` can no longer be walked afterwards.
+
+    The graph references every traced parameter, so while it lives a weight that
+    surgery replaces stays in memory, and the graph's node cycles are freed only
+    by a later garbage collection.
+    """
+    for node in dg.module2node.values():
+        node.grad_fn = None
+
+
 def _op_name(node) -> str:
     grad_fn = node.grad_fn
     return grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else type(node.module).__name__
