@@ -89,6 +89,7 @@ ORACLE_CHECKPOINTS = ("resnet20-jpeg", "resnet56-jpeg")
 ORACLE_RATIOS = (0.3, 0.5)
 LAMBDA1_GRID = (0.0, 1e-4, 1e-2, 1.0)
 LAMBDA2_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+ABLATION_METHODS = ("prune", "nm", "lbyl", "lbyl-paper")  # --oracle also flips their bias correction
 ORACLE_LIMIT = 2000  # images (evenly spread) that score the grid; the best point is re-scored on all
 
 SMOKE = dict(checkpoints=("resnet20-jpeg",), ratios=(0.0, 0.5), limit=500)
@@ -146,6 +147,7 @@ class Run:
     lambda2: float | str | None = None
     images: int = 10000
     seed: int = SEED
+    bias_correction: bool | None = None  # None: the library default
 
     def restore_kwargs(self) -> dict:
         kwargs = dict(method=self.method, criterion=self.criterion, seed=self.seed)
@@ -153,6 +155,8 @@ class Run:
             kwargs["lambda1"] = self.lambda1
         if self.lambda2 is not None:
             kwargs["lambda2"] = self.lambda2
+        if self.bias_correction is not None:
+            kwargs["bias_correction"] = self.bias_correction
         return kwargs
 
     def resolved(self, defaults: dict) -> dict:
@@ -165,7 +169,9 @@ class Run:
         return dict(
             lambda1=_fmt(lambda1) if uses_lambdas else "-",
             lambda2=_fmt(lambda2) if uses_lambdas else "-",
-            bias_correction=_fmt(_bias_correction(self.method, defaults)),
+            bias_correction=_fmt(
+                self.bias_correction if self.bias_correction is not None else _bias_correction(self.method, defaults)
+            ),
         )
 
     def key(self, defaults: dict) -> str:
@@ -227,11 +233,23 @@ def build_plan(
                         runs.append(Run(label, "oracle", ratio, method, "l2", float(l1), float(l2), images=n))
         return runs
 
+    def ablation(label: str) -> list[Run]:
+        """The mean-shift correction flipped (on where the library leaves it off and vice versa)."""
+        if not oracle:
+            return []
+        defaults = restore_defaults()
+        return [
+            Run(label, "ablation", ratio, method, "l2", *(PAPER_LAMBDAS if method == "lbyl-paper" else (None, None)),
+                images=images, bias_correction=not _bias_correction(method, defaults))
+            for ratio in RATIOS for method in ABLATION_METHODS
+        ]  # fmt: skip
+
     # cheap and important first: the JPEG-adapted checkpoints, the small originals, the ResNet-20 grid
     first = [label for label in ("resnet20-jpeg", "resnet56-jpeg", "resnet20", "resnet32") if label in labels]
     rest = [label for label in labels if label not in first]
     plan = [r for label in first for r in _main_runs(label, RATIOS, ("l2",), images)]
     plan += grid("resnet20-jpeg") if "resnet20-jpeg" in labels else []
+    plan += ablation("resnet20-jpeg") if "resnet20-jpeg" in labels else []
     plan += [r for label in rest for r in _main_runs(label, RATIOS, ("l2",), images)]
     plan += [r for label in ORACLE_CHECKPOINTS if label in labels and label != "resnet20-jpeg" for r in grid(label)]
     if CRITERIA_CHECKPOINT in labels:
@@ -735,6 +753,10 @@ def report_sections(
             + _table(["checkpoint", "runs", "eval unpruned s", "eval mean s", "restore mean s", "total min"], body)
         )
 
+    ablation = _ablation_section(plan, found, defaults)
+    if ablation:
+        sections.append(ablation)
+
     # oracle -------------------------------------------------------------------------------------
     oracle = _oracle_sections(plan, found, defaults)
     if oracle:
@@ -816,6 +838,38 @@ def _layer_errors(plan, found, layers, defaults, label=CRITERIA_CHECKPOINT, rati
         + "\n\n</details>"
     )
     return text
+
+
+def _ablation_section(plan, found, defaults) -> str:
+    flipped = [r for r in plan if r.kind == "ablation"]
+    parts = []
+    for label in dict.fromkeys(r.label for r in flipped):
+        main = {(r.ratio, r.method): r for r in plan if r.kind == "main" and r.label == label and r.criterion == "l2"}
+        runs = [r for r in flipped if r.label == label]
+        methods = list(dict.fromkeys(r.method for r in runs))
+        body = []
+        for ratio in sorted({r.ratio for r in runs}):
+            cells = [f"{ratio:g}"]
+            for m in methods:
+                a = found.get(main[(ratio, m)].key(defaults)) if (ratio, m) in main else None
+                b = next((found.get(r.key(defaults)) for r in runs if r.ratio == ratio and r.method == m), None)
+                cells.append(f"{a['accuracy']:.2f}" if a else "")
+                cells.append(f"{b['accuracy']:.2f}" if b else "")
+            body.append(cells)
+        if not any(c for row in body for c in row[1:]):
+            continue
+        header = ["ratio"]
+        for m in methods:
+            on = _bias_correction(m, defaults)
+            header += [f"`{m}` {'with' if on else 'without'} (default)", f"`{m}` {'without' if on else 'with'}"]
+        parts.append(f"### `{label}`\n\n" + _table(header, body))
+    if not parts:
+        return ""
+    return (
+        "## Mean-shift correction on and off (criterion L2)\n\n"
+        "Each method with the library's default for `bias_correction` and with it flipped; top-1 %.\n\n"
+        + "\n\n".join(parts)
+    )
 
 
 def _oracle_sections(plan, found, defaults) -> str:
