@@ -7,9 +7,10 @@ per output position plus one per output element for its bias, a Linear layer
 element when affine, activations one per output element, pooling one per input
 element; MACs are per sample of the batch). Torch-Pruning deep-copies the model
 and runs a forward pass on every call; here the counting hooks ride along a
-forward pass that runs anyway (the dependency trace of :func:`lbyl.restore`),
-and a pruned model is counted with a shape-only forward pass on the ``meta``
-device, which allocates no memory and does no arithmetic.
+forward pass that runs anyway (the dependency trace of :func:`lbyl.restore`)
+and record enough to recount the model once channels are removed
+(:meth:`MacTally.macs_after`, no forward pass); :func:`count_macs` counts any
+model with one no-grad forward pass and no copy.
 
 Module types that the reference counter knows but this module does not (RNNs,
 attention) make :func:`count_ops_and_params` fall back to Torch-Pruning.
@@ -310,16 +311,16 @@ def _as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
-def _on_meta(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-
-
 def _shape_only_forward(model: nn.Module, inputs: tuple) -> None:
-    """Run ``model`` on the meta device: shapes propagate, no arithmetic is done."""
-    state = {name: _on_meta(t) for name, t in model.named_parameters(remove_duplicate=False)}
-    state.update({name: _on_meta(t) for name, t in model.named_buffers(remove_duplicate=False) if t is not None})
-    meta_inputs = tuple(_on_meta(x) if isinstance(x, torch.Tensor) else x for x in inputs)
-    torch.func.functional_call(model, state, meta_inputs, strict=False, tie_weights=True)
+    """One forward pass that only its hooks care about: the first sample of each input, no autograd.
+
+    Hooks see the shapes of the full inputs except the batch size. (The meta
+    device would skip the arithmetic, but its first use imports some 800 modules,
+    seconds and ~70 MB, more than a one-sample pass costs on a CPU.)
+    """
+    sample = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
+    with torch.no_grad():
+        model(*sample)
 
 
 @contextlib.contextmanager
@@ -333,20 +334,10 @@ def _eval_mode(model: nn.Module):
 
 
 def count_macs(model: nn.Module, example_inputs) -> float:
-    """MACs per sample of ``model`` on ``example_inputs`` (eval mode).
-
-    Tries a shape-only forward pass on the meta device; a model whose forward
-    needs real values (data-dependent control flow, tensors created on the CPU
-    inside ``forward``) is run for real under ``torch.no_grad``.
-    """
+    """MACs per sample of ``model`` on ``example_inputs``: one forward pass (eval mode, no autograd)."""
     inputs = _as_tuple(example_inputs)
-    with _eval_mode(model), torch.no_grad():
-        try:
-            with counting(model) as tally:
-                _shape_only_forward(model, inputs)
-        except Exception:  # meta tensors are not supported by every forward
-            with counting(model) as tally:
-                model(*inputs)
+    with _eval_mode(model), torch.no_grad(), counting(model) as tally:
+        model(*inputs)
     return tally.macs
 
 
