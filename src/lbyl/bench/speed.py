@@ -327,6 +327,8 @@ def _ort_runner(model, shape, folder: Path, name: str, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # like OMP_WAIT_POLICY=PASSIVE for torch: no spinning threads on shared cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(x):
@@ -610,9 +612,11 @@ def _passive_threads(argv: list[str]) -> None:
         os.execve(sys.executable, [sys.executable, "-m", "lbyl.bench.speed", *argv], env)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, passive: bool = False) -> int:
+    """Run the benchmark; ``passive=True`` first re-runs the process with ``OMP_WAIT_POLICY=PASSIVE``."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    _passive_threads(argv)
+    if passive:
+        _passive_threads(argv)
     args = build_parser().parse_args(argv)
     if args.memory_child:
         job = json.loads(args.memory_child)
@@ -651,8 +655,8 @@ def register_cli(subparsers) -> None:
     speed = kinds.add_parser("speed", help="restore time, memory and latency of restored models",
                              description=build_parser().description)  # fmt: skip
     add_arguments(speed)
-    speed.set_defaults(func=lambda args: main(_to_argv(args)))
+    speed.set_defaults(func=lambda args: main(_to_argv(args), passive=True))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(passive=True))
