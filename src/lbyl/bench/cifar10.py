@@ -92,6 +92,8 @@ LAMBDA2_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 ABLATION_METHODS = ("prune", "nm", "lbyl", "lbyl-paper")  # --oracle also flips their bias correction
 ORACLE_LIMIT = 2000  # images (evenly spread) that score the grid; the best point is re-scored on all
 
+LAYER_RATIO = 0.3  # ratio of the per-layer RE/BE/AE tables
+
 SMOKE = dict(checkpoints=("resnet20-jpeg",), ratios=(0.0, 0.5), limit=500)
 
 COLUMNS = (
@@ -729,9 +731,10 @@ def report_sections(
         )
 
     # per-layer errors ---------------------------------------------------------------
-    layer_section = _layer_errors(plan, found, layers, defaults)
-    if layer_section:
-        sections.append(layer_section)
+    for label in ("resnet20-jpeg", "resnet56-jpeg"):
+        layer_section = _layer_errors(plan, found, layers, defaults, label, LAYER_RATIO)
+        if layer_section:
+            sections.append(layer_section)
 
     # timings -----------------------------------------------------------------------------
     body = []
@@ -796,7 +799,7 @@ def _win_counts(plan, found, defaults) -> dict:
     return {"rows": rows}
 
 
-def _layer_errors(plan, found, layers, defaults, label=CRITERIA_CHECKPOINT, ratio=0.5) -> str:
+def _layer_errors(plan, found, layers, defaults, label=CRITERIA_CHECKPOINT, ratio=LAYER_RATIO) -> str:
     runs = {r.method: r for r in plan if r.kind == "main" and r.label == label and r.criterion == "l2" and r.ratio == ratio}
     records = {m: layers.get(r.key(defaults)) for m, r in runs.items()}
     records = {m: v for m, v in records.items() if v}
@@ -817,12 +820,14 @@ def _layer_errors(plan, found, layers, defaults, label=CRITERIA_CHECKPOINT, rati
         cells.append(" / ".join(f"{sum(x[k] for x in records[m]):.3g}" for k in ("re", "be", "ae")))
     body.append(cells)
     acc = [f"{found[runs[m].key(defaults)]['accuracy']:.2f}" for m in methods]
+    body.append(["mean-shift correction", *(found[runs[m].key(defaults)]["bias_correction"] for m in methods)])
     body.append(["top-1 %", *acc])
     text = (
         f"## Per-layer restoration errors (`{label}`, ratio {ratio:g}, L2)\n\n"
         "RE / BE / AE summed over the layers of each stage, as the report of `lbyl.restore` gives them: "
         "RE = residual of the pruned BN-scaled filters after delivery, BE = BN-bias error, "
-        "AE = activation-error proxy |s|^2 (the squared delivery coefficients).\n\n"
+        "AE = activation-error proxy |s|^2 (the squared delivery coefficients). The totals do not include the "
+        "mean-shift correction, which acts after the delivery.\n\n"
         + _table(["stage", *(f"`{m}` RE / BE / AE" for m in methods)], body)
     )
     per_layer = []
