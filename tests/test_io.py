@@ -69,6 +69,43 @@ def test_round_trip_of_a_partial_restoration(tmp_path):
         assert torch.equal(loaded(x), restored(x))
 
 
+class BiasFreeCNN(torch.nn.Module):
+    """conv2 has no bias and no BatchNorm after it, so bias correction must create one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 6, 3, padding=1, bias=False)
+        self.fc = torch.nn.Linear(6 * 8 * 8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def bias_free_cnn():
+    torch.manual_seed(0)
+    model = BiasFreeCNN()
+    model.bn1.running_mean.normal_(0, 0.5)
+    model.bn1.running_var.uniform_(0.5, 2.0)
+    model.bn1.bias.data.normal_(0, 0.5)
+    return model.eval()
+
+
+def test_round_trip_keeps_a_bias_created_by_correction(tmp_path):
+    spec = f"{__name__}:bias_free_cnn"
+    model = build_model(spec)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    restored, report = lbyl.restore(model, x[:1], 0.5, method="lbyl", layers=["conv1"], bias_correction=True)
+    assert model.conv2.bias is None and restored.conv2.bias is not None
+    save_restored(restored, report, tmp_path, spec, input_shape=(1, 3, 8, 8))
+    loaded, _ = load_restored(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), restored(x))
+
+
 def test_source_weights_are_hashed(tmp_path, restored_demo):
     restored, report = restored_demo
     source = tmp_path / "source.bin"

@@ -180,6 +180,21 @@ def read_report(out_dir: str | os.PathLike) -> Report:
         raise RestoredFormatError(f"{path} is not a valid lbyl report: {error}") from None
 
 
+def _add_created_biases(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give bias-free Conv/Linear layers the bias that the saved weights have.
+
+    Bias correction may add a bias to a layer that had none (when no
+    BatchNorm follows it to absorb the shift); the freshly built model lacks
+    it, so it is created here before the strict load.
+    """
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        name, _, leaf = key.rpartition(".")
+        module = modules.get(name)
+        if leaf == "bias" and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.bias is None:
+            module.bias = nn.Parameter(torch.zeros_like(value, dtype=module.weight.dtype))
+
+
 def load_restored(out_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Rebuild a restored model from its folder; returns ``(model in eval mode, plan)``.
 
@@ -215,6 +230,7 @@ def load_restored(out_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
         raise RestoredFormatError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    _add_created_biases(model, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
