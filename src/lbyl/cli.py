@@ -89,6 +89,10 @@ def _nonneg(text: str) -> float:
     return value
 
 
+def _lambda2(text: str) -> float | str:
+    return "auto" if text.strip().lower() == "auto" else _nonneg(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -147,8 +151,16 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 def _add_restore_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lambda1", type=_nonneg, default=0.0, metavar="X",
                         help="LBYL only: weight of the BatchNorm-bias term in the loss (default 0)")  # fmt: skip
-    parser.add_argument("--lambda2", type=_nonneg, default=0.0, metavar="X",
-                        help="LBYL only: ridge penalty on the merge coefficients (default 0)")  # fmt: skip
+    parser.add_argument("--lambda2", type=_lambda2, default=0.0, metavar="X",
+                        help="LBYL only: ridge penalty on the merge coefficients (default 0); 'auto' picks it per "
+                        "layer by generalised cross-validation on the weights (no data); try 0.1 at high ratios")  # fmt: skip
+    parser.add_argument("--bias-correction", choices=("auto", "on", "off"), default="auto",
+                        help="add back the mean input the removed channels gave the next layer, computed from "
+                        "the BatchNorm statistics (no data); auto: on for lbyl, off for the others (default)")  # fmt: skip
+    parser.add_argument("--layers", nargs="+", metavar="PATTERN",
+                        help="prune only these layers (names or glob patterns such as 'layer1.*'), or 'all' for every "
+                        "restorable layer; default: the papers' protocol (every restorable convolution of a CNN, "
+                        "every hidden Linear layer of an MLP)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed for --criterion random (default 0)")
     parser.add_argument("--order", choices=("original", "sequential"), default="original",
                         help="original: every layer is restored from the original weights (the papers' protocol, "
@@ -204,8 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=_ratio, required=True, metavar="R", help="fraction of channels removed per layer, in [0, 1)")
     p.add_argument("--method", choices=METHODS, default="lbyl", metavar="M", help=f"one of {', '.join(METHODS)} (default lbyl)")
     p.add_argument("--criterion", choices=CRITERIA, default="l2", metavar="C", help=f"one of {', '.join(CRITERIA)} (default l2)")
-    p.add_argument("--layers", nargs="+", metavar="PATTERN",
-                   help="prune only these layers (names or glob patterns such as 'layer1.*'); default: all restorable layers")  # fmt: skip
     _add_restore_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the restored model to")
     p.set_defaults(func=cmd_restore)
@@ -387,6 +397,17 @@ def _evaluate(model, name, images, labels, mean, std, batch_size, progress=True)
 # commands
 
 
+def _layers(args):
+    """--layers as restore() takes it: None (default protocol), "all", or a list of patterns."""
+    if args.layers is None:
+        return None
+    return "all" if args.layers == ["all"] else args.layers
+
+
+def _bias_correction(args) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.bias_correction]
+
+
 def cmd_restore(args) -> int:
     from .api import restore
     from .io import save_restored
@@ -396,7 +417,8 @@ def cmd_restore(args) -> int:
     _status(f"restoring {args.model}: ratio {args.ratio:g}, method {args.method}, criterion {args.criterion} ...")
     restored, report = restore(
         model, inputs, args.ratio, method=args.method, criterion=args.criterion,
-        lambda1=args.lambda1, lambda2=args.lambda2, layers=args.layers, seed=args.seed, order=args.order,
+        lambda1=args.lambda1, lambda2=args.lambda2, layers=_layers(args), seed=args.seed, order=args.order,
+        bias_correction=_bias_correction(args),
     )  # fmt: skip
     print(report.table())
     out = save_restored(
@@ -455,6 +477,7 @@ def cmd_sweep(args) -> int:
     rows = run_sweep(
         model, inputs, images, labels, args.ratios, args.methods, args.criteria, args.lambda1, args.lambda2,
         mean=mean, std=std, batch_size=args.batch_size, seed=args.seed, order=args.order,
+        layers=_layers(args), bias_correction=_bias_correction(args),
         model_name=args.model, weights_name=Path(args.weights).name,
     )  # fmt: skip
     out = Path(args.out)

@@ -7,6 +7,7 @@ per grid point plus a first row for the unpruned model (method
 """
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import time
@@ -35,7 +36,7 @@ __all__ = [
 
 FIELDS = (
     "model", "weights", "ratio", "method", "criterion", "lambda1", "lambda2",
-    "accuracy", "params", "macs", "restore_seconds", "re", "be", "ae",
+    "accuracy", "params", "macs", "restore_seconds", "re", "be", "ae", "bias_correction",
 )  # fmt: skip
 UNPRUNED = "unpruned"  # method name of the baseline row
 
@@ -67,36 +68,48 @@ def run_sweep(
     methods: Sequence[str] = ("prune", "nm", "lbyl"),
     criteria: Sequence[str] = ("l2",),
     lambda1: float = 0.0,
-    lambda2: float = 0.0,
+    lambda2: float | str = 0.0,
     *,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     batch_size: int = 500,
     seed: int = 0,
     order: str = "original",
+    layers=None,
+    bias_correction: bool | None = None,
     model_name: str = "",
     weights_name: str = "",
+    channels_last: bool = True,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Evaluate ``model`` unpruned, then restored at every (ratio, method, criterion).
 
     ``images`` are uint8 together with ``mean``/``std``, or model-ready floats.
+    ``lambda1``, ``lambda2``, ``seed``, ``order``, ``layers`` and
+    ``bias_correction`` go to :func:`lbyl.restore` unchanged.
     Each row holds the accuracy (top-1 %), parameter and MAC counts, the
     restoration time and the summed RE/BE/AE losses of all layers. ``on_row``
     is called with each row as soon as it is ready (e.g. to print it).
+    ``channels_last`` evaluates convolutions in the channels-last memory
+    layout, which is faster on CPUs; the maths is the same, but logits may
+    differ in the last bits from an evaluation in the default layout.
     """
     inputs = _inputs(example_inputs)
-    common = dict(model=model_name, weights=weights_name, lambda1=float(lambda1), lambda2=float(lambda2))
+    common = dict(model=model_name, weights=weights_name, lambda1=float(lambda1),
+                  lambda2=lambda2 if lambda2 == "auto" else float(lambda2))  # fmt: skip
 
     def score(net: nn.Module) -> float:
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
         return evaluate(net, images, labels, batch_size=batch_size, mean=mean, std=std)
 
     model.eval()
     macs, params = tp.utils.count_ops_and_params(model, inputs)
+    # the caller's model is scored on a copy: changing its memory layout would be a side effect
     baseline = dict(
-        common, ratio=0.0, method=UNPRUNED, criterion="", accuracy=score(model),
-        params=int(params), macs=int(macs), restore_seconds=0.0, re=0.0, be=0.0, ae=0.0,
+        common, ratio=0.0, method=UNPRUNED, criterion="", accuracy=score(copy.deepcopy(model)),
+        params=int(params), macs=int(macs), restore_seconds=0.0, re=0.0, be=0.0, ae=0.0, bias_correction="",
     )  # fmt: skip
     rows = [baseline]
     if on_row is not None:
@@ -115,7 +128,8 @@ def run_sweep(
             started = time.perf_counter()
             restored, report = restore(
                 model, inputs, float(ratio), method=method, criterion=criterion,
-                lambda1=lambda1, lambda2=lambda2, seed=seed, order=order,
+                lambda1=lambda1, lambda2=lambda2, seed=seed, order=order, layers=layers,
+                bias_correction=bias_correction,
             )  # fmt: skip
             seconds = time.perf_counter() - started
             row = dict(
@@ -130,6 +144,7 @@ def run_sweep(
                 re=sum(layer.re for layer in report.layers),
                 be=sum(layer.be for layer in report.layers),
                 ae=sum(layer.ae for layer in report.layers),
+                bias_correction=bool(report.settings.get("bias_correction", False)),
             )
             rows.append(row)
             if on_row is not None:
@@ -159,14 +174,22 @@ def _csv_value(value):
     return repr(value) if isinstance(value, float) else value
 
 
-_NUMERIC = {"ratio": float, "lambda1": float, "lambda2": float, "accuracy": float, "params": int,
-            "macs": int, "restore_seconds": float, "re": float, "be": float, "ae": float}  # fmt: skip
+def _lambda(text: str):
+    return text if text == "auto" else float(text)
+
+
+def _flag(text: str) -> bool:
+    return text == "True"
+
+
+_PARSERS = {"ratio": float, "lambda1": float, "lambda2": _lambda, "accuracy": float, "params": int, "macs": int,
+            "restore_seconds": float, "re": float, "be": float, "ae": float, "bias_correction": _flag}  # fmt: skip
 
 
 def read_csv(path: str | os.PathLike) -> list[dict]:
-    """Read a file written by :func:`write_csv` back into rows with numeric values."""
+    """Read a file written by :func:`write_csv` back into rows with typed values."""
     with open(path, newline="") as f:
-        return [{k: _NUMERIC[k](v) if k in _NUMERIC and v != "" else v for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: _PARSERS[k](v) if k in _PARSERS and v != "" else v for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _series_label(row: dict, several_criteria: bool) -> str:
