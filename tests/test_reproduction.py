@@ -108,3 +108,21 @@ def test_gcv_penalises_noise_and_not_exact_combinations():
     lam_noise = reproduce.gcv_lambda2(ProducerStats(torch.cat([kept_filters, noise])), kept, pruned, grid=grid)
     assert lam_exact == grid[0]
     assert lam_noise > 100
+
+
+@pytest.mark.parametrize("ratio", reproduce.LENET_RATIOS)
+@pytest.mark.parametrize("method, column", [("lbyl-paper", "lbyl"), ("prune", "prune")])
+def test_published_cell_through_restore(setup, one_thread, method, column, ratio):
+    # the public API, not the pure functions: graph, ranking, keep count and surgery included
+    import lbyl
+    from lbyl.data import evaluate
+    from lbyl.models.registry import build_model
+
+    model = build_model("lenet-300-100")
+    model.load_state_dict({k: v.to(torch.float32) for k, v in setup.state.items()})
+    restored, _ = lbyl.restore(
+        model, setup.images[:1], ratio, method=method, lambda2=reproduce.LENET_PUBLISHED[ratio]["lambda2"]
+    )
+    ours = evaluate(restored, setup.images, setup.labels, batch_size=2000)
+    published = reproduce.LENET_PUBLISHED[ratio][column]
+    assert abs(ours - published) <= TOLERANCE, f"{method} at {ratio:.0%}: {ours:.2f}, published {published:.2f}"

@@ -361,7 +361,7 @@ def run_lenet(setup: LenetSetup, *, variants: bool = True, library: bool = True,
 
 
 def _library_defaults(setup: LenetSetup) -> dict:
-    """``lbyl.restore`` with its defaults (rank by ``|w|``, original order, exact keep count)."""
+    """``lbyl.restore`` on the same protocol; ``lbyl`` with every library default."""
     from .api import restore
     from .data import evaluate
     from .models.registry import build_model
@@ -377,6 +377,10 @@ def _library_defaults(setup: LenetSetup) -> dict:
                 lambda2=LENET_PUBLISHED[ratio]["lambda2"], layers=["ip1", "ip2"],
             )
             out[method][ratio] = evaluate(restored, setup.images, setup.labels, batch_size=2000)
+    out["lbyl (defaults)"] = {}
+    for ratio in LENET_RATIOS:
+        restored, _ = restore(model, setup.images[:1], ratio)
+        out["lbyl (defaults)"][ratio] = evaluate(restored, setup.images, setup.labels, batch_size=2000)
     return out
 
 
@@ -448,8 +452,8 @@ def render_lenet_markdown(result: dict, setup: LenetSetup, command: str, machine
         "",
         "- **Ranking:** neurons are ranked by the L2 norm of the filter with its bias",
         "  appended, `|[w_i | bias_i]|`, as the released code does for Linear layers.",
-        "  Ranking by `|w_i|` alone (what `lbyl.restore(..., criterion=\"l2\")` does today)",
-        "  keeps different neurons and misses every published prune cell.",
+        "  `lbyl.restore` ranks this way whenever no BatchNorm follows a layer. Ranking",
+        "  by `|w_i|` alone keeps different neurons and misses every published prune cell.",
         "- **Keep count:** 150/50, 120/40, 90/30, 60/20 of 300/100. At 80 % the published",
         "  row used **60 of 300 and 20 of 100**: the exact rule of `keep_count`",
         "  (`floor(c (1 - r))` in exact arithmetic; the released Neuron Merging code rounds",
@@ -488,10 +492,12 @@ def render_lenet_markdown(result: dict, setup: LenetSetup, command: str, machine
         lib = result["library"]
         lines += [
             "",
-            "## What `lbyl.restore` gives today",
+            "## The same table through `lbyl.restore`",
             "",
-            "`lbyl.restore(model, x, r, method=m, criterion=\"l2\", lambda1=0, lambda2=<paper>)` ranks",
-            "by `|w_i|` alone, so it prunes other neurons than the published runs:",
+            "`lbyl.restore(model, x, r, method=m, criterion=\"l2\", lambda1=0, lambda2=<paper>)`",
+            "(the public API, not the pure functions above), and `lbyl.restore(model, x, r)`",
+            "with every default (exact LBYL, lambda1 = lambda2 = 0; no BatchNorm here, so no",
+            "mean-shift correction):",
             "",
             "| method | 50% | 60% | 70% | 80% |",
             "|---|---|---|---|---|",
