@@ -286,7 +286,10 @@ def restore(
     # is snapshotted just before the first edit that reaches it, so one layer's copy is held at a time
     original, unread = {}, ({g.producer: g for g in chosen} if order == "original" else {})
     # border taps of padded consumers read zeros: weight the mean correction by tap coverage
-    coverage = padded_conv_coverage(target, inputs, [c.module for g in chosen for c in g.consumers]) if bias_correction else {}
+    coverage = {}
+    if bias_correction:
+        seen = {call.module: tuple(call.in_shape[2:]) for call in tally.calls or ()}
+        coverage = padded_conv_coverage(target, inputs, [c.module for g in chosen for c in g.consumers], seen)
     out_channels, in_channels, records = {}, {}, []
     t_delivery = t_surgery = 0.0
     for group in chosen:

@@ -87,27 +87,26 @@ def consumer_offset(
     return per_channel @ shift.to(per_channel.device)
 
 
-def padded_conv_coverage(model, inputs, modules) -> dict:
-    """``tap_coverage`` of every padded convolution in ``modules``, from one shape-only pass."""
-    from .counting import _shape_only_forward
+def padded_conv_coverage(model, inputs, modules, input_sizes: dict | None = None) -> dict:
+    """``tap_coverage`` of every padded convolution in ``modules``.
 
+    ``input_sizes`` (module -> spatial input size) comes from a forward pass that
+    already ran; modules it lacks are measured with one more (one-sample) pass.
+    """
     convs = [m for m in modules if isinstance(m, torch.nn.modules.conv._ConvNd) and any(_padding(m))]
-    if not convs:
-        return {}
-    sizes = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out: sizes.__setitem__(mod, tuple(args[0].shape[2:]))) for m in convs]
-    try:
-        with torch.no_grad():
-            try:
-                _shape_only_forward(model, inputs)
-            except Exception:  # a forward that needs real values
-                model(*inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {
-        m: tap_coverage(sizes[m], m.kernel_size, m.stride, _padding(m), m.dilation) for m in convs if m in sizes
-    }
+    sizes = {m: input_sizes[m] for m in convs if input_sizes and m in input_sizes}
+    missing = [m for m in convs if m not in sizes]
+    if missing:
+        from .counting import _shape_only_forward
+
+        record = lambda mod, args, out: sizes.__setitem__(mod, tuple(args[0].shape[2:]))
+        hooks = [m.register_forward_hook(record) for m in missing]
+        try:
+            _shape_only_forward(model, inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    return {m: tap_coverage(sizes[m], m.kernel_size, m.stride, _padding(m), m.dilation) for m in convs if m in sizes}
 
 
 def _padding(conv) -> tuple[int, ...]:
