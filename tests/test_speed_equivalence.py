@@ -99,3 +99,22 @@ def test_nearly_exact_restoration_keeps_its_tiny_residual():
     direct = restoration_loss(stats, kept, pruned, lbyl_delivery(stats, kept, pruned))
     assert loss["re"].max() < 1e-24
     torch.testing.assert_close(loss["re"], direct["re"], rtol=0, atol=1e-26)
+
+
+def test_fold_in_row_blocks_equals_one_block(monkeypatch):
+    """Surgery folds large consumers in blocks of output rows; the result does not depend on the block size."""
+    from lbyl import surgery
+
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(37, 6 * 4, generator=gen)  # a Linear reading 6 channels x 4 flatten slots
+    positions = torch.arange(24).reshape(6, 4)
+    kept, pruned = torch.tensor([0, 2, 3]), torch.tensor([1, 4, 5])
+    delivery = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    monkeypatch.setattr(surgery, "_FOLD_BLOCK_BYTES", 10**9)
+    whole = surgery.fold_into_consumer(weight, positions, kept, pruned, delivery)
+    monkeypatch.setattr(surgery, "_FOLD_BLOCK_BYTES", 100)  # one row at a time
+    blocked = surgery.fold_into_consumer(weight, positions, kept, pruned, delivery)
+    assert torch.equal(whole, blocked)
+    expected = weight.double().clone()
+    expected[:, positions[kept]] += torch.einsum("ojs,kj->oks", weight.double()[:, positions[pruned]], delivery)
+    torch.testing.assert_close(blocked, expected.float())

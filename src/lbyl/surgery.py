@@ -35,12 +35,22 @@ def fold_into_consumer_(
 ) -> None:
     """In-place :func:`fold_into_consumer`: only the kept columns are read, computed and written.
 
-    Same float64 arithmetic; no copy of the whole weight.
+    Same float64 arithmetic; no copy of the whole weight. Output rows are done in
+    blocks of about ``_FOLD_BLOCK_BYTES`` of float64 work (a 4096 x 25088 Linear
+    layer after a flatten would otherwise need gigabytes at once).
     """
-    kept_columns = positions[kept]  # (|K|, slots)
-    pruned_blocks = weight[:, positions[pruned]].to(torch.float64)  # (out, |P|, slots, *kernel)
-    delivered = torch.einsum("oj...,kj->ok...", pruned_blocks, delivery.to(weight.device, torch.float64))
-    weight[:, kept_columns] = (weight[:, kept_columns].to(torch.float64) + delivered).to(weight.dtype)
+    kept_columns, pruned_columns = positions[kept], positions[pruned]  # (|K| or |P|, slots)
+    delivery = delivery.to(weight.device, torch.float64)
+    per_row = (2 * kept_columns.numel() + pruned_columns.numel()) * weight[0, 0].numel() * 8
+    rows = max(1, _FOLD_BLOCK_BYTES // max(per_row, 1))
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start : start + rows]  # a view: writes go to ``weight``
+        pruned_blocks = block[:, pruned_columns].to(torch.float64)  # (rows, |P|, slots, *kernel)
+        delivered = torch.einsum("oj...,kj->ok...", pruned_blocks, delivery)
+        block[:, kept_columns] = (block[:, kept_columns].to(torch.float64) + delivered).to(weight.dtype)
+
+
+_FOLD_BLOCK_BYTES = 32 * 2**20
 
 
 def apply_delivery(consumers: list[Consumer], kept, pruned, delivery) -> None:
