@@ -320,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx or torchscript (default: from the --out suffix, .onnx or .pt)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")
     p.set_defaults(func=cmd_export)
+
+    # bench -------------------------------------------------------------------
+    from .bench import cifar10 as bench_cifar10
+    from .bench import speed as bench_speed
+
+    kinds = bench_speed.register_cli(sub)
+    p = kinds.add_parser(
+        "cifar10",
+        formatter_class=_Formatter,
+        help="every method, ratio and criterion on the CIFAR-10 ResNet checkpoints",
+        description=bench_cifar10.__doc__.split("\n\n")[0],
+    )
+    bench_cifar10.add_arguments(p)
+    p.set_defaults(func=bench_cifar10.run)
     return parser
 
 

@@ -80,7 +80,7 @@ def consumer_offset(
     so each tap is weighted by ``coverage`` (see :func:`tap_coverage`): the
     correction is then right on average over the output positions.
     """
-    blocks = weight.detach().to(torch.float64)[:, positions[pruned]]  # (out, P, slots, *kernel)
+    blocks = weight.detach()[:, positions[pruned]].to(torch.float64)  # (out, P, slots, *kernel)
     if coverage is not None:
         blocks = blocks * coverage.to(blocks.device)
     per_channel = blocks.flatten(start_dim=2).sum(dim=2)  # (out, P)

@@ -648,14 +648,16 @@ def _to_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def register_cli(subparsers) -> None:
-    """Add ``bench speed`` to the ``lbyl`` command (``subparsers`` from ``add_subparsers``)."""
-    bench = subparsers.add_parser("bench", help="benchmarks of lbyl itself (speed)", description="Benchmarks of lbyl itself.")
+def register_cli(subparsers):
+    """Add ``bench speed`` to the ``lbyl`` command (``subparsers`` from ``add_subparsers``);
+    returns the ``bench`` group so that other benchmarks can join it."""
+    bench = subparsers.add_parser("bench", help="benchmarks (speed, CIFAR-10 accuracy)", description="Benchmarks of lbyl.")
     kinds = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     speed = kinds.add_parser("speed", help="restore time, memory and latency of restored models",
                              description=build_parser().description)  # fmt: skip
     add_arguments(speed)
     speed.set_defaults(func=lambda args: main(_to_argv(args), passive=True))
+    return kinds
 
 
 if __name__ == "__main__":
