@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .counting import _eval_mode
+
 __all__ = ["FORMATS", "export_model", "run_exported", "max_difference"]
 
 FORMATS = ("onnx", "torchscript")
@@ -35,16 +37,6 @@ def _as_inputs(example_input) -> tuple[torch.Tensor, ...]:
         "example_input must be a tensor (or a tuple of tensors) shaped like one input batch, "
         f"e.g. torch.randn(1, 3, 32, 32); got {type(example_input).__name__}"
     )
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @contextlib.contextmanager
