@@ -208,9 +208,9 @@ def build_plan(
     """Every run of a configuration, most important first.
 
     ``full``: criterion L2 on the JPEG-adapted checkpoints and the small
-    originals, the ResNet-20 (JPEG) lambda grid (``oracle``), ResNet-56
-    (original), the ResNet-56 (JPEG) grid, then the other criteria on
-    ResNet-56 (JPEG). ``smoke``: one checkpoint, two ratios, 500 images. The oracle's
+    originals, the ResNet-20 (JPEG) lambda grid and correction ablation
+    (``oracle``), ResNet-56 (original), the same grid and ablation on
+    ResNet-56 (JPEG), then the other criteria on ResNet-56 (JPEG). ``smoke``: one checkpoint, two ratios, 500 images. The oracle's
     best points (kind ``oracle-best``) depend on the grid's results and are
     added by :func:`oracle_best_runs`.
     """
@@ -254,6 +254,7 @@ def build_plan(
     plan += ablation("resnet20-jpeg") if "resnet20-jpeg" in labels else []
     plan += [r for label in rest for r in _main_runs(label, RATIOS, ("l2",), images)]
     plan += [r for label in ORACLE_CHECKPOINTS if label in labels and label != "resnet20-jpeg" for r in grid(label)]
+    plan += ablation("resnet56-jpeg") if "resnet56-jpeg" in labels else []
     if CRITERIA_CHECKPOINT in labels:
         plan += [r for r in _main_runs(CRITERIA_CHECKPOINT, RATIOS, EXTRA_CRITERIA, images) if r.kind != "baseline"]
     return plan
@@ -1097,7 +1098,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoints", metavar="A,B", help=f"only these checkpoints ({', '.join(CHECKPOINTS)})")
     parser.add_argument("--oracle", action="store_true",
                         help="also run the lambda grid for lbyl and lbyl-paper on resnet20-jpeg and resnet56-jpeg at "
-                        "ratios 0.3 and 0.5, and report the best point picked WITH TEST LABELS as a ceiling")  # fmt: skip
+                        "ratios 0.3 and 0.5, and report the best point picked WITH TEST LABELS as a ceiling; "
+                        "and run prune, nm, lbyl, lbyl-paper with the mean-shift correction flipped on both")  # fmt: skip
     parser.add_argument("--oracle-limit", type=_positive, default=ORACLE_LIMIT, metavar="N",
                         help=f"images (evenly spread) that score the lambda grid (default {ORACLE_LIMIT}); "
                         "the best point is re-scored on all images")  # fmt: skip
