@@ -93,6 +93,9 @@ ABLATION_METHODS = ("prune", "nm", "lbyl", "lbyl-paper")  # --oracle also flips 
 ORACLE_LIMIT = 2000  # images (evenly spread) that score the grid; the best point is re-scored on all
 
 LAYER_RATIO = 0.3  # ratio of the per-layer RE/BE/AE tables
+# The results are part of the repository, so the tables of docs/benchmarks.md can be
+# remade (and the run resumed) from any clone.
+DEFAULT_OUT = "benchmarks/cifar10"
 
 SMOKE = dict(checkpoints=("resnet20-jpeg",), ratios=(0.0, 0.5), limit=500)
 
@@ -1010,7 +1013,7 @@ def _header(machine: dict, plan, defaults: dict, oracle: bool, limit, config, ro
     lines = [
         "# CIFAR-10 ResNet benchmark",
         "",
-        "Generated from `bench-output/cifar10/results.csv` by "
+        f"Generated from `{DEFAULT_OUT}/results.csv` (in the repository) by "
         f"`python -m lbyl.bench.cifar10 --report-only{' --oracle' if oracle else ''} --doc docs/benchmarks.md`; "
         "do not edit the tables by hand (the Analysis section is kept on regeneration).",
         "",
@@ -1093,7 +1096,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full: 5 checkpoints x 7 ratios x 5 methods (+ 3 criteria on resnet56-jpeg); "
                         "smoke: resnet20-jpeg, ratios 0 and 0.5, 500 images (default full)")  # fmt: skip
     parser.add_argument("--assets-root", metavar="PATH", help="shared assets folder (default $LBYL_ASSETS or ../shared/assets)")
-    parser.add_argument("--out", default="bench-output/cifar10", metavar="DIR", help="output folder (default bench-output/cifar10)")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT}, tracked in git)")
     parser.add_argument("--limit", type=_positive, metavar="N", help="evaluate on N test images spread evenly over the set")
     parser.add_argument("--checkpoints", metavar="A,B", help=f"only these checkpoints ({', '.join(CHECKPOINTS)})")
     parser.add_argument("--oracle", action="store_true",
