@@ -1,5 +1,6 @@
 """Smoke configuration of the CIFAR-10 ResNet benchmark (real checkpoint, real test images)."""
 import os
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,23 @@ def test_keys_follow_the_library_defaults():
     assert prune.key({"lambda2": 0.0, "bias_correction": True}) == prune.key({"lambda2": 1.0, "bias_correction": True})
     assert len({r.key({}) for r in plan}) == len(plan)
     assert len([r for r in plan if r.kind == "main"]) == 5 * 7 * 5 + 3 * 7 * 5
+
+
+def test_docs_tables_match_the_tracked_results(tmp_path):
+    """docs/benchmarks.md shows exactly what the committed CSV holds (no hand-edited numbers)."""
+    root = Path(__file__).resolve().parents[1]
+    results, doc = root / bench.DEFAULT_OUT, root / "docs" / "benchmarks.md"
+    if not (results / "results.csv").is_file():
+        pytest.skip(f"no tracked benchmark results in {results}")
+    plan = bench.build_plan("full", oracle=True)
+    defaults = bench.restore_defaults()
+    rows = bench.read_rows(results / "results.csv")
+    sections, _, _ = bench.report_sections(plan, rows, bench.read_layers(results / "layers.jsonl"), defaults, tmp_path)
+    text = doc.read_text()
+    table_lines = [line for section in sections for line in section.splitlines() if line.startswith("|")]
+    assert len(table_lines) > 50
+    stale = [line for line in table_lines if line not in text]
+    assert not stale, (
+        f"{len(stale)} table lines of docs/benchmarks.md differ from {results}/results.csv, e.g. {stale[0]!r}; "
+        "regenerate it: python -m lbyl.bench.cifar10 --report-only --oracle --doc docs/benchmarks.md"
+    )
