@@ -15,7 +15,7 @@ from .correction import consumer_offset, mean_shift, padded_conv_coverage
 from .counting import MacTally, count_ops_and_params, count_params, counting, recount
 from .delivery import delivery_and_loss
 from .criteria import CRITERIA, select_channels
-from .delivery import METHODS, BatchNormStats, ProducerStats, delivery_matrix, gcv_lambda2, restoration_loss
+from .delivery import INPUT_MODELS, METHODS, BatchNormStats, ProducerStats, delivery_matrix, gcv_lambda2, restoration_loss
 from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups, release_trace
 from .report import LayerRecord, Report, SkippedRecord
 from .surgery import add_output_offset, apply_delivery, remove_channels
@@ -222,6 +222,7 @@ def restore(
     inplace: bool = False,
     order: str = "original",
     bias_correction: bool | None = None,
+    input_model: str = "white",
 ) -> tuple[nn.Module, Report]:
     """Remove ``ratio`` of the channels of every restorable layer and restore the model without data.
 
@@ -249,12 +250,18 @@ def restore(
         running mean. Layers without BatchNorm are not corrected. None (default) turns it on
         for ``"lbyl"``, where the benchmarks show it helps at every ratio, and off for the
         baselines and paper variants, which then behave as published.
+    input_model : how ``"lbyl"`` weighs the residual of a pruned filter. ``"white"`` (default):
+        plain squared distance between filters, the paper's loss (white inputs). ``"bn"``:
+        in the metric of the producer's input covariance estimated from its BatchNorm's
+        running variances (no data; layers without BatchNorm fall back to ``"white"``).
 
     Returns
     -------
     (restored model, report). The restored model has the caller's train/eval mode.
     """
     _validate(model, ratio, method, criterion, lambda1, lambda2, order)
+    if input_model not in INPUT_MODELS:
+        raise ValueError(f"unknown input_model {input_model!r}; choose one of {', '.join(INPUT_MODELS)}")
     if bias_correction is None:
         bias_correction = method in CORRECTED_BY_DEFAULT
     inputs = _as_inputs(example_inputs)
@@ -302,7 +309,7 @@ def restore(
         layer_lambda2 = lambda2
         if lambda2 == "auto":
             layer_lambda2 = gcv_lambda2(stats, kept, pruned, lambda1) if method == "lbyl" and len(pruned) else 0.0
-        delivery, loss = delivery_and_loss(method, stats, kept, pruned, lambda1, layer_lambda2)
+        delivery, loss = delivery_and_loss(method, stats, kept, pruned, lambda1, layer_lambda2, input_model)
         shift = mean_shift(stats, kept, pruned, delivery, group.activation) if bias_correction else None
         for consumer in group.consumers:  # about to be edited: keep what a later group must read
             if consumer.module in unread:
@@ -363,6 +370,7 @@ def restore(
         seed=int(seed),
         order=order,
         bias_correction=bool(bias_correction),
+        input_model=input_model,
     )
     report = Report(
         settings=settings,

@@ -179,12 +179,16 @@ def _solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(matrix, hermitian=True) @ rhs
 
 
+INPUT_MODELS = ("white", "bn")
+
+
 def lbyl_delivery(
     stats: ProducerStats,
     kept: torch.Tensor,
     pruned: torch.Tensor,
     lambda1: float = 0.0,
     lambda2: float = 0.0,
+    input_model: str = "white",
 ) -> torch.Tensor:
     """LBYL, exact closed form (method note, section 3).
 
@@ -195,10 +199,77 @@ def lbyl_delivery(
         S = A^{-1} (W'_K W'_P^T + lambda1 b_K b_P^T)
 
     ``A`` is shared by all pruned channels: one factorisation per layer.
+    ``input_model="bn"`` measures the residual in the metric of the input
+    covariance estimated from the BatchNorm variances (:func:`calibrated_products`)
+    instead of the white-input metric above.
     """
     w, b = scaled_filters(stats)
-    gram, cross = filter_products(w, kept, pruned)
+    gram, cross = _products(stats, w, kept, pruned, input_model)
     return _solve_spd(*lbyl_system(gram, cross, b, kept, pruned, lambda1, lambda2))
+
+
+def nonnegative_least_squares(matrix: torch.Tensor, target: torch.Tensor, iterations: int = 500) -> torch.Tensor:
+    """``argmin_{a >= 0} |matrix @ a - target|^2`` by accelerated projected gradient (FISTA)."""
+    step = 1.0 / max(float(torch.linalg.matrix_norm(matrix, 2)) ** 2, torch.finfo(torch.float64).tiny)
+    a = previous = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
+    momentum = 1.0
+    for _ in range(iterations):
+        look = a + ((momentum - 1) / (momentum + 2)) * (a - previous) if momentum > 1 else a
+        previous, a = a, (look - step * (matrix.T @ (matrix @ look - target))).clamp_min(0)
+        momentum += 1
+    return a
+
+
+def input_covariance(stats: ProducerStats) -> tuple[float, torch.Tensor] | None:
+    """The producer's input covariance, estimated from its BatchNorm's running variances.
+
+    BN records ``var_i = w_i^T Sigma w_i`` for every filter: the input covariance
+    ``Sigma`` along each filter direction. The estimate is
+    ``Sigma = sigma2 I + sum_i alpha_i w_i w_i^T`` with ``alpha >= 0`` fitted to
+    those variances (non-negative least squares), and ``sigma2 = min_i var_i / |w_i|^2``,
+    the largest isotropic part that no channel contradicts. Returns
+    ``(sigma2, alpha)``, or None without BN (nothing to estimate from).
+    """
+    if stats.bn is None:
+        return None
+    filters = stats.filters.to(torch.float64)
+    products = filters @ filters.T
+    sq_norms = products.diagonal()
+    var = stats.bn.var.to(torch.float64).clamp_min(0)
+    live = sq_norms > 0
+    if not bool(live.any()):
+        return None
+    sigma2 = float((var[live] / sq_norms[live]).min())
+    excess = (var - sigma2 * sq_norms).clamp_min(0)
+    alpha = nonnegative_least_squares(products**2, excess)
+    return sigma2, alpha
+
+
+def calibrated_products(
+    stats: ProducerStats, w: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W'_K Sigma W'_K^T`` and ``W'_K Sigma W'_P^T`` under :func:`input_covariance`
+    (the white-input products of :func:`filter_products` when it gives none).
+
+    With ``Sigma = sigma2 I + W^T diag(alpha) W`` everything stays N x N:
+    ``W' Sigma W'^T = sigma2 W' W'^T + (W' W^T) diag(alpha) (W W'^T)``.
+    """
+    estimate = input_covariance(stats)
+    if estimate is None:
+        return filter_products(w, kept, pruned)
+    sigma2, alpha = estimate
+    mixed = w[kept] @ stats.filters.to(torch.float64).T  # W'_K W^T, |K| x N
+    mixed_all = w @ stats.filters.to(torch.float64).T  # W' W^T, N x N
+    products = sigma2 * (w[kept] @ w.T) + (mixed * alpha) @ mixed_all.T  # |K| x N
+    return products[:, kept], products[:, pruned]
+
+
+def _products(stats, w, kept, pruned, input_model):
+    if input_model == "white":
+        return filter_products(w, kept, pruned)
+    if input_model == "bn":
+        return calibrated_products(stats, w, kept, pruned)
+    raise ValueError(f"unknown input_model {input_model!r}; choose one of {', '.join(INPUT_MODELS)}")
 
 
 def filter_products(w: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,8 +419,11 @@ def delivery_matrix(
     pruned: torch.Tensor,
     lambda1: float = 0.0,
     lambda2: float = 0.0,
+    input_model: str = "white",
 ) -> torch.Tensor:
-    """Dispatch to the delivery matrix of ``method`` (one of :data:`METHODS`)."""
+    """Dispatch to the delivery matrix of ``method`` (one of :data:`METHODS`).
+
+    ``input_model`` applies to ``"lbyl"`` only (see :func:`lbyl_delivery`)."""
     if method == "prune":
         return prune_delivery(kept, pruned, device=stats.filters.device)
     if method == "nm":
@@ -357,7 +431,7 @@ def delivery_matrix(
     if method == "nm-paper":
         return nm_paper_delivery(stats, kept, pruned)
     if method == "lbyl":
-        return lbyl_delivery(stats, kept, pruned, lambda1, lambda2)
+        return lbyl_delivery(stats, kept, pruned, lambda1, lambda2, input_model)
     if method == "lbyl-paper":
         return lbyl_paper_delivery(stats, kept, pruned, lambda1, lambda2)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -409,6 +483,7 @@ def delivery_and_loss(
     pruned: torch.Tensor,
     lambda1: float = 0.0,
     lambda2: float = 0.0,
+    input_model: str = "white",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``delivery_matrix(...)`` and ``restoration_loss(...)`` of it, sharing the work.
 
@@ -416,8 +491,8 @@ def delivery_and_loss(
     residual error (:func:`residual_from_products`); other methods compute both
     separately.
     """
-    if method != "lbyl":
-        delivery = delivery_matrix(method, stats, kept, pruned, lambda1, lambda2)
+    if method != "lbyl" or (input_model == "bn" and stats.bn is not None):
+        delivery = delivery_matrix(method, stats, kept, pruned, lambda1, lambda2, input_model)
         return delivery, restoration_loss(stats, kept, pruned, delivery)
     w, b = scaled_filters(stats)
     gram, cross = filter_products(w, kept, pruned)

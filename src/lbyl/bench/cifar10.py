@@ -102,7 +102,7 @@ SMOKE = dict(checkpoints=("resnet20-jpeg",), ratios=(0.0, 0.5), limit=500)
 COLUMNS = (
     "key", "label", "kind", "model", "weights", "ratio", "method", "criterion", "lambda1", "lambda2",
     "bias_correction", "accuracy", "params", "macs", "restore_seconds", "eval_seconds", "re", "be", "ae",
-    "images", "seed", "lossless", "layer_lambda2_mean", "commit", "finished",
+    "images", "seed", "lossless", "layer_lambda2_mean", "commit", "finished", "input_model",
 )  # fmt: skip
 _FLOATS = ("ratio", "accuracy", "restore_seconds", "eval_seconds", "re", "be", "ae", "layer_lambda2_mean")
 _INTS = ("params", "macs", "images", "seed")
@@ -153,6 +153,7 @@ class Run:
     images: int = 10000
     seed: int = SEED
     bias_correction: bool | None = None  # None: the library default
+    input_model: str | None = None  # None: the library default (``lbyl`` only)
 
     def restore_kwargs(self) -> dict:
         kwargs = dict(method=self.method, criterion=self.criterion, seed=self.seed)
@@ -162,12 +163,14 @@ class Run:
             kwargs["lambda2"] = self.lambda2
         if self.bias_correction is not None:
             kwargs["bias_correction"] = self.bias_correction
+        if self.input_model is not None:
+            kwargs["input_model"] = self.input_model
         return kwargs
 
     def resolved(self, defaults: dict) -> dict:
         """The settings the run uses, defaults resolved ("-" where a setting does not apply)."""
         if self.kind == "baseline":
-            return dict(lambda1="-", lambda2="-", bias_correction="-")
+            return dict(lambda1="-", lambda2="-", bias_correction="-", input_model="-")
         uses_lambdas = self.method in LAMBDA_METHODS
         lambda1 = self.lambda1 if self.lambda1 is not None else defaults.get("lambda1", 0.0)
         lambda2 = self.lambda2 if self.lambda2 is not None else defaults.get("lambda2", 0.0)
@@ -177,15 +180,19 @@ class Run:
             bias_correction=_fmt(
                 self.bias_correction if self.bias_correction is not None else _bias_correction(self.method, defaults)
             ),
+            input_model=(self.input_model or defaults.get("input_model", "white")) if self.method == "lbyl" else "-",
         )
 
     def key(self, defaults: dict) -> str:
         if self.kind == "baseline":
             return f"{self.label}|baseline|n={self.images}"
         s = self.resolved(defaults)
+        # a white-input run has the settings (and so the key) of the runs made before input models existed
+        kind = "main" if self.kind == "white-input" else self.kind
+        model = f"|im={s['input_model']}" if s["input_model"] not in ("-", "white") else ""
         return (
-            f"{self.label}|{self.kind}|r={_fmt(self.ratio)}|{self.method}|{self.criterion}|"
-            f"l1={s['lambda1']}|l2={s['lambda2']}|bc={s['bias_correction']}|n={self.images}|seed={self.seed}"
+            f"{self.label}|{kind}|r={_fmt(self.ratio)}|{self.method}|{self.criterion}|"
+            f"l1={s['lambda1']}|l2={s['lambda2']}|bc={s['bias_correction']}|n={self.images}|seed={self.seed}{model}"
         )
 
 
@@ -254,6 +261,10 @@ def build_plan(
     first = [label for label in ("resnet20-jpeg", "resnet56-jpeg", "resnet20", "resnet32") if label in labels]
     rest = [label for label in labels if label not in first]
     plan = [r for label in first for r in _main_runs(label, RATIOS, ("l2",), images)]
+    # the paper's white-input loss against the default input model, every checkpoint
+    if restore_defaults().get("input_model", "white") != "white":
+        plan += [Run(label, "white-input", ratio, "lbyl", "l2", images=images, input_model="white")
+                 for label in labels for ratio in RATIOS]  # fmt: skip
     plan += grid("resnet20-jpeg") if "resnet20-jpeg" in labels else []
     plan += ablation("resnet20-jpeg") if "resnet20-jpeg" in labels else []
     plan += [r for label in rest for r in _main_runs(label, RATIOS, ("l2",), images)]
@@ -728,6 +739,9 @@ def report_sections(
     standing = _default_standing(plan, found, defaults)
     if standing:
         sections.append(standing)
+    inputs = _input_model_section(plan, found, defaults)
+    if inputs:
+        sections.append(inputs)
 
     # win counts ---------------------------------------------------------------------
     wins = _win_counts(plan, found, defaults)
@@ -837,6 +851,33 @@ def _default_standing(plan, found, defaults) -> str:
         "test labels; `-` where the grid did not run). Top-1 % on all 10,000 images.\n\n"
         + _table(["checkpoint", "ratio", "`lbyl` default", "best baseline", "margin", "oracle `lbyl`",
                   "gap to oracle"], body, "lrrlrrr")
+    )
+
+
+def _input_model_section(plan, found, defaults) -> str:
+    """``lbyl`` with the paper's white-input loss against the default input model (criterion L2)."""
+    white = {(r.label, r.ratio): found.get(r.key(defaults)) for r in plan if r.kind == "white-input"}
+    body = []
+    for label in dict.fromkeys(label for label, _ in white):
+        cells, diffs = [f"`{label}`"], []
+        for ratio in RATIOS:
+            w = white.get((label, ratio))
+            d = found.get(Run(label, "main", ratio, "lbyl", "l2").key(defaults))
+            cells.append(f"{w['accuracy']:.2f} -> {d['accuracy']:.2f}" if w and d else "")
+            if w and d:
+                diffs.append(d["accuracy"] - w["accuracy"])
+        cells.append(f"{sum(diffs) / len(diffs):+.2f}" if diffs else "")
+        body.append(cells)
+    if not any(c for row in body for c in row[1:]):
+        return ""
+    default = defaults.get("input_model", "white")
+    return (
+        "## Input model of `lbyl`: white inputs -> default (criterion L2)\n\n"
+        f"Top-1 % of `lbyl` with `input_model=\"white\"` (the paper's loss: plain distance between filters) "
+        f"and with the library default `input_model=\"{default}\"` (the residual measured in the metric of the "
+        "input covariance estimated from the BatchNorm variances, docs/method.md); everything else at the "
+        "defaults, all 10,000 images.\n\n"
+        + _table(["checkpoint", *(f"{r:g}" for r in RATIOS), "mean change"], body)
     )
 
 
@@ -1087,7 +1128,8 @@ def _header(machine: dict, plan, defaults: dict, oracle: bool, limit, config, ro
         "channels; the residual channels stay whole). Ratios 0.1 to 0.7, criterion L2 for every checkpoint; "
         f"L1, L2-GM and random (seed {SEED}) on `{CRITERIA_CHECKPOINT}`. No fine-tuning, no data.",
         "- **Methods:** `prune` (no compensation), `nm` (Neuron Merging, exact BN factor), `nm-paper` (released "
-        f"Neuron Merging), `lbyl` with the library defaults ({lam}: nothing is passed), `lbyl-paper` (released "
+        f"Neuron Merging), `lbyl` with the library defaults ({lam}, input model "
+        f"`{defaults.get('input_model', 'white')}`: nothing is passed), `lbyl-paper` (released "
         f"LBYL) with the fixed rule lambda1 = {_fmt(PAPER_LAMBDAS[0])}, lambda2 = {_fmt(PAPER_LAMBDAS[1])} (a small "
         "ridge; chosen without data and without test labels). The mean-shift bias correction follows the "
         f"library default: {corrected}.",

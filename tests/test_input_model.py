@@ -1,0 +1,145 @@
+"""The BN-calibrated input model of LBYL (delivery.input_covariance and friends)."""
+import pytest
+import torch
+
+from lbyl.delivery import (
+    BatchNormStats,
+    ProducerStats,
+    calibrated_products,
+    delivery_and_loss,
+    input_covariance,
+    lbyl_delivery,
+    nonnegative_least_squares,
+    scaled_filters,
+)
+
+F64 = torch.float64
+KEPT, PRUNED = torch.arange(0, 7), torch.arange(7, 10)
+
+
+def layer(gen, var, n=10, m=30):
+    filters = torch.randn(n, m, generator=gen, dtype=F64)
+    bn = BatchNormStats(
+        gamma=0.5 + torch.rand(n, generator=gen, dtype=F64),
+        beta=torch.randn(n, generator=gen, dtype=F64),
+        mean=torch.randn(n, generator=gen, dtype=F64),
+        var=var(filters),
+        eps=1e-5,
+    )
+    return ProducerStats(filters=filters, bn=bn)
+
+
+def test_nonnegative_least_squares_matches_exact_solution_when_feasible():
+    gen = torch.Generator().manual_seed(1)
+    matrix = torch.randn(12, 5, generator=gen, dtype=F64)
+    truth = torch.tensor([0.0, 1.5, 0.0, 0.3, 2.0], dtype=F64)
+    found = nonnegative_least_squares(matrix, matrix @ truth, iterations=5000)
+    assert torch.allclose(found, truth, atol=1e-6)
+    assert (nonnegative_least_squares(matrix, -matrix @ truth.abs()) >= 0).all()
+
+
+def test_estimate_reproduces_variances_of_the_modelled_form():
+    # Sigma = sigma2 I + W^T diag(alpha) W, with one filter orthogonal to the others and alpha 0 there:
+    # its variance per squared norm is exactly sigma2, the smallest, so the estimate is exact
+    gen = torch.Generator().manual_seed(2)
+    filters = torch.randn(10, 30, generator=gen, dtype=F64)
+    filters[:, 0] = 0
+    filters[0] = 0
+    filters[0, 0] = 1.3
+    alpha = torch.rand(10, generator=gen, dtype=F64)
+    alpha[0] = 0
+    sigma = 0.2 * torch.eye(30, dtype=F64) + filters.T @ torch.diag(alpha) @ filters
+    var = torch.einsum("im,mn,in->i", filters, sigma, filters)
+    stats = ProducerStats(filters=filters, bn=BatchNormStats(torch.ones(10, dtype=F64), torch.zeros(10, dtype=F64),
+                                                             torch.zeros(10, dtype=F64), var, 1e-5))
+    sigma2, found = input_covariance(stats)
+    estimate = sigma2 * torch.eye(30, dtype=F64) + filters.T @ torch.diag(found) @ filters
+    assert sigma2 == pytest.approx(0.2)
+    assert torch.allclose(torch.einsum("im,mn,in->i", filters, estimate, filters), var, rtol=1e-6)
+
+
+def test_estimate_is_the_nonnegative_least_squares_optimum():
+    gen = torch.Generator().manual_seed(8)
+    stats = layer(gen, lambda f: 0.1 + (f**2).sum(1) * torch.rand(f.shape[0], generator=gen, dtype=F64) * 3)
+    sigma2, alpha = input_covariance(stats)
+    products = stats.filters @ stats.filters.T
+    assert sigma2 == pytest.approx(float((stats.bn.var / products.diagonal()).min()))
+    gradient = (products**2).T @ ((products**2) @ alpha - (stats.bn.var - sigma2 * products.diagonal()))
+    scale = float(gradient.abs().max()) + float(stats.bn.var.max())
+    assert (alpha >= 0).all()
+    assert (gradient[alpha > 0].abs() < 1e-4 * scale).all()  # KKT: stationary where alpha > 0
+    assert (gradient[alpha == 0] > -1e-4 * scale).all()  # and no descent direction where alpha = 0
+
+
+def test_calibrated_products_equal_the_dense_metric():
+    gen = torch.Generator().manual_seed(3)
+    stats = layer(gen, lambda f: 0.1 + (f**2).sum(1) * torch.rand(f.shape[0], generator=gen, dtype=F64))
+    sigma2, alpha = input_covariance(stats)
+    dense = sigma2 * torch.eye(stats.filters.shape[1], dtype=F64) + stats.filters.T @ torch.diag(alpha) @ stats.filters
+    w, _ = scaled_filters(stats)
+    gram, cross = calibrated_products(stats, w, KEPT, PRUNED)
+    assert torch.allclose(gram, w[KEPT] @ dense @ w[KEPT].T)
+    assert torch.allclose(cross, w[KEPT] @ dense @ w[PRUNED].T)
+
+
+def test_white_inputs_give_the_paper_solution():
+    # variances proportional to the squared filter norms: the data look white, nothing changes
+    gen = torch.Generator().manual_seed(4)
+    stats = layer(gen, lambda f: 0.7 * (f**2).sum(1))
+    white = lbyl_delivery(stats, KEPT, PRUNED, input_model="white")
+    calibrated = lbyl_delivery(stats, KEPT, PRUNED, input_model="bn")
+    assert torch.allclose(white, calibrated, atol=1e-8)
+
+
+def test_bn_model_minimises_the_error_under_the_estimated_covariance():
+    gen = torch.Generator().manual_seed(5)
+    stats = layer(gen, lambda f: 0.1 + (f**2).sum(1) * torch.rand(f.shape[0], generator=gen, dtype=F64) * 3)
+    sigma2, alpha = input_covariance(stats)
+    dense = sigma2 * torch.eye(stats.filters.shape[1], dtype=F64) + stats.filters.T @ torch.diag(alpha) @ stats.filters
+    w, _ = scaled_filters(stats)
+
+    def error(delivery):
+        residual = w[PRUNED] - delivery.T @ w[KEPT]
+        return torch.einsum("pm,mn,pn->", residual, dense, residual)
+
+    calibrated = lbyl_delivery(stats, KEPT, PRUNED, input_model="bn")
+    white = lbyl_delivery(stats, KEPT, PRUNED, input_model="white")
+    assert error(calibrated) < error(white)
+    for _ in range(5):  # and no perturbation does better
+        assert error(calibrated) <= error(calibrated + 1e-3 * torch.randn(calibrated.shape, generator=gen, dtype=F64))
+
+
+def test_without_batchnorm_the_bn_model_falls_back_to_white():
+    gen = torch.Generator().manual_seed(6)
+    stats = ProducerStats(filters=torch.randn(10, 30, generator=gen, dtype=F64), bias=torch.randn(10, generator=gen, dtype=F64))
+    assert input_covariance(stats) is None
+    a, _ = delivery_and_loss("lbyl", stats, KEPT, PRUNED, input_model="bn")
+    b, _ = delivery_and_loss("lbyl", stats, KEPT, PRUNED, input_model="white")
+    assert torch.equal(a, b)
+
+
+def test_unknown_input_model_is_refused():
+    gen = torch.Generator().manual_seed(7)
+    stats = layer(gen, lambda f: (f**2).sum(1))
+    with pytest.raises(ValueError, match="input_model"):
+        lbyl_delivery(stats, KEPT, PRUNED, input_model="pink")
+
+
+def test_restore_takes_the_input_model_and_records_it():
+    import lbyl
+    from lbyl.models.registry import build_model, example_input
+
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval()
+    for m in model.modules():  # non-trivial running statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    x = example_input("resnet20")
+    white, report_white = lbyl.restore(model, x, 0.5, input_model="white")
+    bn, report_bn = lbyl.restore(model, x, 0.5, input_model="bn")
+    assert report_white.settings["input_model"] == "white" and report_bn.settings["input_model"] == "bn"
+    assert report_bn.params_after == report_white.params_after
+    with torch.no_grad():
+        assert not torch.allclose(white(x), bn(x))
+    with pytest.raises(ValueError, match="input_model"):
+        lbyl.restore(model, x, 0.5, input_model="pink")
