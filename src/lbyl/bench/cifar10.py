@@ -187,8 +187,9 @@ class Run:
         if self.kind == "baseline":
             return f"{self.label}|baseline|n={self.images}"
         s = self.resolved(defaults)
-        # a white-input run has the settings (and so the key) of the runs made before input models existed
-        kind = "main" if self.kind == "white-input" else self.kind
+        # an input-model run is a main run with one setting changed: it keeps that run's key, so that
+        # switching the default swaps the two without recomputing either
+        kind = "main" if self.kind == "input-model" else self.kind
         model = f"|im={s['input_model']}" if s["input_model"] not in ("-", "white") else ""
         return (
             f"{self.label}|{kind}|r={_fmt(self.ratio)}|{self.method}|{self.criterion}|"
@@ -262,9 +263,10 @@ def build_plan(
     rest = [label for label in labels if label not in first]
     plan = [r for label in first for r in _main_runs(label, RATIOS, ("l2",), images)]
     # the paper's white-input loss against the default input model, every checkpoint
-    if restore_defaults().get("input_model", "white") != "white":
-        plan += [Run(label, "white-input", ratio, "lbyl", "l2", images=images, input_model="white")
-                 for label in labels for ratio in RATIOS]  # fmt: skip
+    # lbyl with the input model that is not the default, every checkpoint (a main run's key: see Run.key)
+    other = next(m for m in ("white", "bn") if m != restore_defaults().get("input_model", "white"))
+    plan += [Run(label, "input-model", ratio, "lbyl", "l2", images=images, input_model=other)
+             for label in labels for ratio in RATIOS]  # fmt: skip
     plan += grid("resnet20-jpeg") if "resnet20-jpeg" in labels else []
     plan += ablation("resnet20-jpeg") if "resnet20-jpeg" in labels else []
     plan += [r for label in rest for r in _main_runs(label, RATIOS, ("l2",), images)]
@@ -856,13 +858,19 @@ def _default_standing(plan, found, defaults) -> str:
 
 def _input_model_section(plan, found, defaults) -> str:
     """``lbyl`` with the paper's white-input loss against the default input model (criterion L2)."""
-    white = {(r.label, r.ratio): found.get(r.key(defaults)) for r in plan if r.kind == "white-input"}
+    other = {(r.label, r.ratio): found.get(r.key(defaults)) for r in plan if r.kind == "input-model"}
+    models = {r.input_model for r in plan if r.kind == "input-model"}
+    if not models:
+        return ""
+    default, alternative = defaults.get("input_model", "white"), models.pop()
+    white_first = default != "white"
     body = []
-    for label in dict.fromkeys(label for label, _ in white):
+    for label in dict.fromkeys(label for label, _ in other):
         cells, diffs = [f"`{label}`"], []
         for ratio in RATIOS:
-            w = white.get((label, ratio))
-            d = found.get(Run(label, "main", ratio, "lbyl", "l2").key(defaults))
+            o = other.get((label, ratio))
+            m = found.get(Run(label, "main", ratio, "lbyl", "l2").key(defaults))
+            w, d = (o, m) if white_first else (m, o)  # w: white inputs, d: BN input model
             cells.append(f"{w['accuracy']:.2f} -> {d['accuracy']:.2f}" if w and d else "")
             if w and d:
                 diffs.append(d["accuracy"] - w["accuracy"])
@@ -870,13 +878,12 @@ def _input_model_section(plan, found, defaults) -> str:
         body.append(cells)
     if not any(c for row in body for c in row[1:]):
         return ""
-    default = defaults.get("input_model", "white")
     return (
-        "## Input model of `lbyl`: white inputs -> default (criterion L2)\n\n"
-        f"Top-1 % of `lbyl` with `input_model=\"white\"` (the paper's loss: plain distance between filters) "
-        f"and with the library default `input_model=\"{default}\"` (the residual measured in the metric of the "
-        "input covariance estimated from the BatchNorm variances, docs/method.md); everything else at the "
-        "defaults, all 10,000 images.\n\n"
+        "## Input model of `lbyl`: white inputs -> BN covariance (criterion L2)\n\n"
+        "Top-1 % of `lbyl` with `input_model=\"white\"` (the paper's loss: plain distance between filters) "
+        "and with `input_model=\"bn\"` (the residual measured in the metric of the input covariance estimated "
+        f"from the BatchNorm variances, docs/method.md section 5b); the library default is `\"{default}\"`, "
+        "everything else at the defaults, all 10,000 images.\n\n"
         + _table(["checkpoint", *(f"{r:g}" for r in RATIOS), "mean change"], body)
     )
 
