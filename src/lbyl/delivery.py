@@ -258,9 +258,8 @@ def calibrated_products(
     if estimate is None:
         return filter_products(w, kept, pruned)
     sigma2, alpha = estimate
-    mixed = w[kept] @ stats.filters.to(torch.float64).T  # W'_K W^T, |K| x N
-    mixed_all = w @ stats.filters.to(torch.float64).T  # W' W^T, N x N
-    products = sigma2 * (w[kept] @ w.T) + (mixed * alpha) @ mixed_all.T  # |K| x N
+    mixed = w @ stats.filters.to(torch.float64).T  # W' W^T, N x N
+    products = sigma2 * (w[kept] @ w.T) + (mixed[kept] * alpha) @ mixed.T  # |K| x N
     return products[:, kept], products[:, pruned]
 
 
@@ -491,12 +490,13 @@ def delivery_and_loss(
     residual error (:func:`residual_from_products`); other methods compute both
     separately.
     """
-    if method != "lbyl" or (input_model == "bn" and stats.bn is not None):
-        delivery = delivery_matrix(method, stats, kept, pruned, lambda1, lambda2, input_model)
+    if method != "lbyl":
+        delivery = delivery_matrix(method, stats, kept, pruned, lambda1, lambda2)
         return delivery, restoration_loss(stats, kept, pruned, delivery)
     w, b = scaled_filters(stats)
-    gram, cross = filter_products(w, kept, pruned)
-    delivery = _solve_spd(*lbyl_system(gram, cross, b, kept, pruned, lambda1, lambda2))
+    gram, cross = filter_products(w, kept, pruned)  # the reported RE is the paper's white-input term
+    solve = (gram, cross) if input_model == "white" else _products(stats, w, kept, pruned, input_model)
+    delivery = _solve_spd(*lbyl_system(*solve, b, kept, pruned, lambda1, lambda2))
     loss = {
         "re": residual_from_products(w, gram, cross, kept, pruned, delivery),
         "be": (b[pruned] - delivery.T @ b[kept]) ** 2,

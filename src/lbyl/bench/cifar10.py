@@ -262,7 +262,6 @@ def build_plan(
     first = [label for label in ("resnet20-jpeg", "resnet56-jpeg", "resnet20", "resnet32") if label in labels]
     rest = [label for label in labels if label not in first]
     plan = [r for label in first for r in _main_runs(label, RATIOS, ("l2",), images)]
-    # the paper's white-input loss against the default input model, every checkpoint
     # lbyl with the input model that is not the default, every checkpoint (a main run's key: see Run.key)
     other = next(m for m in ("white", "bn") if m != restore_defaults().get("input_model", "white"))
     plan += [Run(label, "input-model", ratio, "lbyl", "l2", images=images, input_model=other)
@@ -738,12 +737,7 @@ def report_sections(
         if len(parts) > 2:
             sections.append("\n\n".join(parts))
 
-    standing = _default_standing(plan, found, defaults)
-    if standing:
-        sections.append(standing)
-    inputs = _input_model_section(plan, found, defaults)
-    if inputs:
-        sections.append(inputs)
+    sections += [s for s in (_default_standing(plan, found, defaults), _input_model_section(plan, found, defaults)) if s]
 
     # win counts ---------------------------------------------------------------------
     wins = _win_counts(plan, found, defaults)
@@ -806,17 +800,24 @@ def report_sections(
     return sections, pngs, facts
 
 
-def _oracle_best(plan, found, defaults, label, method, ratio) -> float | None:
-    """Accuracy on all images of the grid point picked with test labels (None: grid not complete)."""
-    runs = [r for r in plan if r.kind == "oracle" and (r.label, r.method, r.ratio) == (label, method, ratio)]
+def _grid_pick(found, defaults, runs) -> tuple[dict, Run, dict | None] | None:
+    """The grid point picked with test labels: (its row, its run, its row on all 10,000 images or None);
+    None while the grid is not complete."""
     done = [(found[r.key(defaults)], r) for r in runs if r.key(defaults) in found]
     if not runs or len(done) < len(runs):
         return None
     top_row, top = max(done, key=lambda t: t[0]["accuracy"])
     if top.images == 10000:
-        return top_row["accuracy"]
-    full = found.get(Run(label, "oracle-best", ratio, method, "l2", top.lambda1, top.lambda2).key(defaults))
-    return full["accuracy"] if full else None
+        return top_row, top, top_row
+    full = found.get(Run(top.label, "oracle-best", top.ratio, top.method, "l2", top.lambda1, top.lambda2).key(defaults))
+    return top_row, top, full
+
+
+def _oracle_best(plan, found, defaults, label, method, ratio) -> float | None:
+    """Accuracy on all images of the grid point picked with test labels (None: not available)."""
+    runs = [r for r in plan if r.kind == "oracle" and (r.label, r.method, r.ratio) == (label, method, ratio)]
+    pick = _grid_pick(found, defaults, runs)
+    return pick[2]["accuracy"] if pick and pick[2] else None
 
 
 def _default_standing(plan, found, defaults) -> str:
@@ -857,20 +858,16 @@ def _default_standing(plan, found, defaults) -> str:
 
 
 def _input_model_section(plan, found, defaults) -> str:
-    """``lbyl`` with the paper's white-input loss against the default input model (criterion L2)."""
+    """``lbyl`` with the paper's white-input loss against the BN input model (criterion L2)."""
     other = {(r.label, r.ratio): found.get(r.key(defaults)) for r in plan if r.kind == "input-model"}
-    models = {r.input_model for r in plan if r.kind == "input-model"}
-    if not models:
-        return ""
-    default, alternative = defaults.get("input_model", "white"), models.pop()
-    white_first = default != "white"
+    default = defaults.get("input_model", "white")
     body = []
     for label in dict.fromkeys(label for label, _ in other):
         cells, diffs = [f"`{label}`"], []
         for ratio in RATIOS:
             o = other.get((label, ratio))
             m = found.get(Run(label, "main", ratio, "lbyl", "l2").key(defaults))
-            w, d = (o, m) if white_first else (m, o)  # w: white inputs, d: BN input model
+            w, d = (m, o) if default == "white" else (o, m)  # w: white inputs, d: BN input model
             cells.append(f"{w['accuracy']:.2f} -> {d['accuracy']:.2f}" if w and d else "")
             if w and d:
                 diffs.append(d["accuracy"] - w["accuracy"])
@@ -1020,13 +1017,9 @@ def _oracle_sections(plan, found, defaults) -> str:
             + ")\n\nRows lambda1, columns lambda2.\n\n"
             + _table(["lambda1 \\ lambda2", *(_fmt(l2) for l2 in l2s)], body)
         )
-        if len(done) == len(runs):
-            top_row, top = max(((row, r) for row, r in done), key=lambda t: t[0]["accuracy"])
-            full = found.get(
-                Run(label, "oracle-best", ratio, method, "l2", top.lambda1, top.lambda2, images=10000).key(defaults)
-            )
-            if full is None and top.images == 10000:
-                full = top_row
+        pick = _grid_pick(found, defaults, runs)
+        if pick:
+            top_row, top, full = pick
             main = [
                 r for r in plan
                 if r.kind == "main" and r.label == label and r.method == method and r.ratio == ratio and r.criterion == "l2"
