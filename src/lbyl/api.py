@@ -222,7 +222,7 @@ def restore(
     inplace: bool = False,
     order: str = "original",
     bias_correction: bool | None = None,
-    input_model: str = "white",
+    input_model: str = "bn",
 ) -> tuple[nn.Module, Report]:
     """Remove ``ratio`` of the channels of every restorable layer and restore the model without data.
 
@@ -250,10 +250,12 @@ def restore(
         running mean. Layers without BatchNorm are not corrected. None (default) turns it on
         for ``"lbyl"``, where the benchmarks show it helps at every ratio, and off for the
         baselines and paper variants, which then behave as published.
-    input_model : how ``"lbyl"`` weighs the residual of a pruned filter. ``"white"`` (default):
-        plain squared distance between filters, the paper's loss (white inputs). ``"bn"``:
+    input_model : how ``"lbyl"`` weighs the residual of a pruned filter. ``"bn"`` (default):
         in the metric of the producer's input covariance estimated from its BatchNorm's
-        running variances (no data; layers without BatchNorm fall back to ``"white"``).
+        running variances (no data; layers without BatchNorm fall back to ``"white"``); where
+        the kept filters rebuild the pruned ones exactly (more kept filters than weights per
+        filter), the delivery is solved after the ReLU under a Gaussian model of the BN outputs.
+        ``"white"``: plain squared distance between filters, the paper's loss (white inputs).
 
     Returns
     -------
@@ -309,7 +311,9 @@ def restore(
         layer_lambda2 = lambda2
         if lambda2 == "auto":
             layer_lambda2 = gcv_lambda2(stats, kept, pruned, lambda1) if method == "lbyl" and len(pruned) else 0.0
-        delivery, loss = delivery_and_loss(method, stats, kept, pruned, lambda1, layer_lambda2, input_model)
+        delivery, loss = delivery_and_loss(
+            method, stats, kept, pruned, lambda1, layer_lambda2, input_model, group.activation
+        )
         shift = mean_shift(stats, kept, pruned, delivery, group.activation) if bias_correction else None
         for consumer in group.consumers:  # about to be edited: keep what a later group must read
             if consumer.module in unread:

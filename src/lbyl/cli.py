@@ -157,6 +157,9 @@ def _add_restore_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bias-correction", choices=("auto", "on", "off"), default="auto",
                         help="add back the mean input the removed channels gave the next layer, computed from "
                         "the BatchNorm statistics (no data); auto: on for lbyl, off for the others (default)")  # fmt: skip
+    parser.add_argument("--input-model", choices=("bn", "white"), default="bn",
+                        help="LBYL only: bn measures the residual in the input covariance estimated from the "
+                        "BatchNorm variances (default); white uses the paper's plain filter distance")  # fmt: skip
     parser.add_argument("--layers", nargs="+", metavar="PATTERN",
                         help="prune only these layers (names or glob patterns such as 'layer1.*'), or 'all' for every "
                         "restorable layer; default: the papers' protocol (every restorable convolution of a CNN, "
@@ -432,7 +435,7 @@ def cmd_restore(args) -> int:
     restored, report = restore(
         model, inputs, args.ratio, method=args.method, criterion=args.criterion,
         lambda1=args.lambda1, lambda2=args.lambda2, layers=_layers(args), seed=args.seed, order=args.order,
-        bias_correction=_bias_correction(args),
+        bias_correction=_bias_correction(args), input_model=args.input_model,
     )  # fmt: skip
     print(report.table())
     out = save_restored(
@@ -491,7 +494,7 @@ def cmd_sweep(args) -> int:
     rows = run_sweep(
         model, inputs, images, labels, args.ratios, args.methods, args.criteria, args.lambda1, args.lambda2,
         mean=mean, std=std, batch_size=args.batch_size, seed=args.seed, order=args.order,
-        layers=_layers(args), bias_correction=_bias_correction(args),
+        layers=_layers(args), bias_correction=_bias_correction(args), input_model=args.input_model,
         model_name=args.model, weights_name=Path(args.weights).name,
     )  # fmt: skip
     out = Path(args.out)

@@ -189,6 +189,7 @@ def lbyl_delivery(
     lambda1: float = 0.0,
     lambda2: float = 0.0,
     input_model: str = "white",
+    activation: str = "identity",
 ) -> torch.Tensor:
     """LBYL, exact closed form (method note, section 3).
 
@@ -201,11 +202,28 @@ def lbyl_delivery(
     ``A`` is shared by all pruned channels: one factorisation per layer.
     ``input_model="bn"`` measures the residual in the metric of the input
     covariance estimated from the BatchNorm variances (:func:`calibrated_products`)
-    instead of the white-input metric above.
+    instead of the white-input metric above; there, if the kept filters span the
+    whole input space (:func:`spans_input_space`) and ``activation`` is ``"relu"``,
+    ``S`` is solved after the activation instead (:func:`post_activation_products`).
     """
     w, b = scaled_filters(stats)
-    gram, cross = _products(stats, w, kept, pruned, input_model)
-    return _solve_spd(*lbyl_system(gram, cross, b, kept, pruned, lambda1, lambda2))
+    white = filter_products(w, kept, pruned)
+    return _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, white)
+
+
+def _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, white):
+    if input_model == "bn" and activation == "relu" and stats.bn is not None and spans_input_space(w[kept]):
+        # every filter is rebuilt exactly before the ReLU: that loss is zero and cannot tell solutions
+        # apart, so the activation error alone decides
+        solve = post_activation_products(stats, w, kept, pruned)
+    else:
+        solve = white if input_model == "white" else _products(stats, w, kept, pruned, input_model)
+    return _solve_spd(*lbyl_system(*solve, b, kept, pruned, lambda1, lambda2))
+
+
+def spans_input_space(filters: torch.Tensor) -> bool:
+    """Whether the rows of ``filters`` (K x M) span all of R^M, so that they rebuild any filter exactly."""
+    return filters.shape[0] >= filters.shape[1] and int(torch.linalg.matrix_rank(filters)) == filters.shape[1]
 
 
 def nonnegative_least_squares(matrix: torch.Tensor, target: torch.Tensor, iterations: int = 500) -> torch.Tensor:
@@ -254,13 +272,63 @@ def calibrated_products(
     With ``Sigma = sigma2 I + W^T diag(alpha) W`` everything stays N x N:
     ``W' Sigma W'^T = sigma2 W' W'^T + (W' W^T) diag(alpha) (W W'^T)``.
     """
+    products = _calibrated_rows(stats, w, kept)  # |K| x N
+    if products is None:
+        return filter_products(w, kept, pruned)
+    return products[:, kept], products[:, pruned]
+
+
+def _calibrated_rows(stats: ProducerStats, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    """Rows ``rows`` of ``W' Sigma W'^T`` under :func:`input_covariance` (None without an estimate)."""
     estimate = input_covariance(stats)
     if estimate is None:
-        return filter_products(w, kept, pruned)
+        return None
     sigma2, alpha = estimate
     mixed = w @ stats.filters.to(torch.float64).T  # W' W^T, N x N
-    products = sigma2 * (w[kept] @ w.T) + (mixed[kept] * alpha) @ mixed.T  # |K| x N
-    return products[:, kept], products[:, pruned]
+    return sigma2 * (w[rows] @ w.T) + (mixed[rows] * alpha) @ mixed.T
+
+
+def relu_covariance(
+    mean: torch.Tensor, covariance: torch.Tensor, samples: int = 2**15, seed: int = 0, chunk: int = 4096
+) -> torch.Tensor:
+    """Covariance of ``relu(z)`` for ``z ~ N(mean, covariance)``, by seeded Monte Carlo.
+
+    Deterministic for a given ``seed`` (samples are drawn on the CPU); the
+    error of each entry shrinks as ``1 / sqrt(samples)``. Bivariate ReLU moments
+    with non-zero means have no elementary closed form, so they are sampled.
+    """
+    mean, covariance = mean.to(torch.float64), covariance.to(torch.float64)
+    n = mean.shape[0]
+    values, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
+    root = vectors * values.clamp_min(0).sqrt()
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros(n, dtype=torch.float64, device=mean.device)
+    second = torch.zeros(n, n, dtype=torch.float64, device=mean.device)
+    for start in range(0, samples, chunk):
+        noise = torch.randn(n, min(chunk, samples - start), generator=generator, dtype=torch.float64)
+        f = (mean[:, None] + root @ noise.to(mean.device)).clamp_min(0)
+        total += f.sum(dim=1)
+        second += f @ f.T
+    average = total / samples
+    return second / samples - torch.outer(average, average)
+
+
+def post_activation_products(
+    stats: ProducerStats, w: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Cov(f_K, f_K)`` and ``Cov(f_K, f_P)`` of the channels after ReLU, ``f = relu(z)``.
+
+    The BN outputs are modelled as Gaussian with means ``beta`` and covariance
+    ``W' Sigma W'^T`` (:func:`input_covariance`; white inputs without an estimate).
+    With these products LBYL's solve gives the ``S`` that best predicts ``f_P``
+    from ``f_K`` (means aside: the mean-shift correction restores them).
+    """
+    everything = torch.arange(stats.channels, device=w.device)
+    covariance = _calibrated_rows(stats, w, everything)
+    if covariance is None:
+        covariance = w @ w.T
+    post = relu_covariance(stats.bn.beta.to(torch.float64), covariance)
+    return post[kept][:, kept], post[kept][:, pruned]
 
 
 def _products(stats, w, kept, pruned, input_model):
@@ -419,10 +487,11 @@ def delivery_matrix(
     lambda1: float = 0.0,
     lambda2: float = 0.0,
     input_model: str = "white",
+    activation: str = "identity",
 ) -> torch.Tensor:
     """Dispatch to the delivery matrix of ``method`` (one of :data:`METHODS`).
 
-    ``input_model`` applies to ``"lbyl"`` only (see :func:`lbyl_delivery`)."""
+    ``input_model`` and ``activation`` apply to ``"lbyl"`` only (see :func:`lbyl_delivery`)."""
     if method == "prune":
         return prune_delivery(kept, pruned, device=stats.filters.device)
     if method == "nm":
@@ -430,7 +499,7 @@ def delivery_matrix(
     if method == "nm-paper":
         return nm_paper_delivery(stats, kept, pruned)
     if method == "lbyl":
-        return lbyl_delivery(stats, kept, pruned, lambda1, lambda2, input_model)
+        return lbyl_delivery(stats, kept, pruned, lambda1, lambda2, input_model, activation)
     if method == "lbyl-paper":
         return lbyl_paper_delivery(stats, kept, pruned, lambda1, lambda2)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -483,6 +552,7 @@ def delivery_and_loss(
     lambda1: float = 0.0,
     lambda2: float = 0.0,
     input_model: str = "white",
+    activation: str = "identity",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``delivery_matrix(...)`` and ``restoration_loss(...)`` of it, sharing the work.
 
@@ -495,8 +565,7 @@ def delivery_and_loss(
         return delivery, restoration_loss(stats, kept, pruned, delivery)
     w, b = scaled_filters(stats)
     gram, cross = filter_products(w, kept, pruned)  # the reported RE is the paper's white-input term
-    solve = (gram, cross) if input_model == "white" else _products(stats, w, kept, pruned, input_model)
-    delivery = _solve_spd(*lbyl_system(*solve, b, kept, pruned, lambda1, lambda2))
+    delivery = _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, (gram, cross))
     loss = {
         "re": residual_from_products(w, gram, cross, kept, pruned, delivery),
         "be": (b[pruned] - delivery.T @ b[kept]) ** 2,

@@ -77,6 +77,7 @@ def run_sweep(
     order: str = "original",
     layers=None,
     bias_correction: bool | None = None,
+    input_model: str = "bn",
     model_name: str = "",
     weights_name: str = "",
     channels_last: bool = True,
@@ -86,8 +87,8 @@ def run_sweep(
     """Evaluate ``model`` unpruned, then restored at every (ratio, method, criterion).
 
     ``images`` are uint8 together with ``mean``/``std``, or model-ready floats.
-    ``lambda1``, ``lambda2``, ``seed``, ``order``, ``layers`` and
-    ``bias_correction`` go to :func:`lbyl.restore` unchanged.
+    ``lambda1``, ``lambda2``, ``seed``, ``order``, ``layers``,
+    ``bias_correction`` and ``input_model`` go to :func:`lbyl.restore` unchanged.
     Each row holds the accuracy (top-1 %), parameter and MAC counts, the
     restoration time and the summed RE/BE/AE losses of all layers. ``on_row``
     is called with each row as soon as it is ready (e.g. to print it).
@@ -129,7 +130,7 @@ def run_sweep(
             restored, report = restore(
                 model, inputs, float(ratio), method=method, criterion=criterion,
                 lambda1=lambda1, lambda2=lambda2, seed=seed, order=order, layers=layers,
-                bias_correction=bias_correction,
+                bias_correction=bias_correction, input_model=input_model,
             )  # fmt: skip
             seconds = time.perf_counter() - started
             row = dict(
