@@ -123,6 +123,12 @@ def test_restore_options_reach_the_plan(capsys, tmp_path, weights_file):
                          "--layers", "conv2", "--out", str(tmp_path / "one"))  # fmt: skip
     plan = json.loads((tmp_path / "one" / "plan.json").read_text())
     assert code == 0 and list(plan["kept"]) == ["conv2"] and plan["settings"]["bias_correction"] is True
+    assert plan["settings"]["input_model"] == "bn"  # the default
+
+    code, _, _ = run_cli(capsys, "restore", "--model", "demo-cnn", "--weights", weights_file, "--ratio", "0.25",
+                         "--input-model", "white", "--out", str(tmp_path / "white"))  # fmt: skip
+    plan = json.loads((tmp_path / "white" / "plan.json").read_text())
+    assert code == 0 and plan["settings"]["input_model"] == "white"
 
 
 def test_restore_then_eval_matches_in_memory_model(capsys, tmp_path, weights_file):
@@ -210,12 +216,12 @@ def test_subset_spreads_over_the_set():
 def _synthetic_rows():
     base = dict(model="m", weights="w.pt", lambda1=0.0, lambda2="auto", restore_seconds=0.5, re=1.0, be=0.0, ae=2.0)
     rows = [dict(base, ratio=0.0, method=UNPRUNED, criterion="", accuracy=92.5, params=1000, macs=5000,
-                 restore_seconds=0.0, bias_correction="")]  # fmt: skip
+                 restore_seconds=0.0, bias_correction="", input_model="")]  # fmt: skip
     for ratio, kept in ((0.3, 700), (0.6, 400)):
         for method, drop in (("prune", 20.0), ("lbyl", 5.0)):
             for criterion, extra in (("l1", 1.0), ("l2", 0.0)):
                 rows.append(dict(base, ratio=ratio, method=method, criterion=criterion, bias_correction=method == "lbyl",
-                                 accuracy=92.5 - drop * ratio - extra, params=kept, macs=5 * kept))  # fmt: skip
+                                 input_model="bn" if method == "lbyl" else "", accuracy=92.5 - drop * ratio - extra, params=kept, macs=5 * kept))  # fmt: skip
     return rows
 
 

@@ -36,7 +36,7 @@ __all__ = [
 
 FIELDS = (
     "model", "weights", "ratio", "method", "criterion", "lambda1", "lambda2",
-    "accuracy", "params", "macs", "restore_seconds", "re", "be", "ae", "bias_correction",
+    "accuracy", "params", "macs", "restore_seconds", "re", "be", "ae", "bias_correction", "input_model",
 )  # fmt: skip
 UNPRUNED = "unpruned"  # method name of the baseline row
 
@@ -146,6 +146,7 @@ def run_sweep(
                 be=sum(layer.be for layer in report.layers),
                 ae=sum(layer.ae for layer in report.layers),
                 bias_correction=bool(report.settings.get("bias_correction", False)),
+                input_model=input_model if method == "lbyl" else "",
             )
             rows.append(row)
             if on_row is not None:

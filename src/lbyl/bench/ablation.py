@@ -4,8 +4,8 @@
 
 Each row switches one ingredient of exact LBYL with lambda1 = lambda2 = 0, the
 paper's white-input loss and the mean-shift correction on or off, or sets the
-lambdas (the BN input model, ``input_model="bn"``, is compared with the
-white one in docs/benchmarks.md), and
+lambdas (the library default, the BN input model ``input_model="bn"``, is
+compared with the white one in docs/benchmarks.md), and
 reports top-1 accuracy on an evenly spread subset of the JPEG test set. The
 baselines are shown with and without the correction. Test labels are only
 used to score; nothing here is chosen by them.
@@ -76,8 +76,9 @@ def markdown(table: dict, base: dict, ratios: Sequence[float], limit: int, secon
             limit, ", ".join(f"{k} {v:.2f}" for k, v in base.items()),
         ),
         "",
-        "Every `lbyl` row uses the paper's white-input loss (`input_model=\"white\"`); the BN input "
-        "model, `\"bn\"`, is compared with it on all checkpoints and ratios in [benchmarks.md](benchmarks.md).",
+        "Every `lbyl` row uses the paper's white-input loss (`input_model=\"white\"`); the library "
+        "default, the BN input model `\"bn\"`, is compared with it on all checkpoints and ratios in "
+        "[benchmarks.md](benchmarks.md).",
         "",
     ]
     for spec in base:
