@@ -143,3 +143,33 @@ def test_restore_takes_the_input_model_and_records_it():
         assert not torch.allclose(white(x), bn(x))
     with pytest.raises(ValueError, match="input_model"):
         lbyl.restore(model, x, 0.5, input_model="pink")
+
+
+def test_a_dead_channel_keeps_the_solve_finite():
+    # running_var 0 (a channel that never fires) forces sigma2 = 0: the metric may lose rank,
+    # the delivery must stay finite and still rebuild what the kept filters can rebuild
+    gen = torch.Generator().manual_seed(11)
+    stats = layer(gen, lambda f: 0.1 + (f**2).sum(1) * torch.rand(f.shape[0], generator=gen, dtype=F64))
+    var = stats.bn.var.clone()
+    var[2] = 0.0
+    dead = ProducerStats(filters=stats.filters, bn=BatchNormStats(stats.bn.gamma, stats.bn.beta, stats.bn.mean, var, 1e-5))
+    sigma2, alpha = input_covariance(dead)
+    assert sigma2 == 0.0 and (alpha >= 0).all()
+    delivery = lbyl_delivery(dead, KEPT, PRUNED, input_model="bn", activation="relu")
+    assert torch.isfinite(delivery).all()
+    _, loss = delivery_and_loss("lbyl", dead, KEPT, PRUNED, input_model="bn", activation="relu")
+    assert all(torch.isfinite(v).all() for v in loss.values())
+
+
+def test_nonnegative_least_squares_is_unchanged_by_the_thread_count():
+    gen = torch.Generator().manual_seed(12)
+    matrix = torch.rand(40, 40, generator=gen, dtype=F64)
+    target = torch.rand(40, generator=gen, dtype=F64)
+    threads = torch.get_num_threads()
+    found = nonnegative_least_squares(matrix, target)
+    assert torch.get_num_threads() == threads  # restored after the single-thread loop
+    torch.set_num_threads(1)
+    try:
+        assert torch.allclose(nonnegative_least_squares(matrix, target), found, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)

@@ -10,6 +10,7 @@ each kept channel takes over, and every consumer is rewritten as
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -217,7 +218,7 @@ def _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activa
         # apart, so the activation error alone decides
         solve = post_activation_products(stats, w, kept, pruned)
     else:
-        solve = white if input_model == "white" else _products(stats, w, kept, pruned, input_model)
+        solve = _products(stats, w, kept, pruned, input_model, white)
     return _solve_spd(*lbyl_system(*solve, b, kept, pruned, lambda1, lambda2))
 
 
@@ -227,15 +228,41 @@ def spans_input_space(filters: torch.Tensor) -> bool:
 
 
 def nonnegative_least_squares(matrix: torch.Tensor, target: torch.Tensor, iterations: int = 500) -> torch.Tensor:
-    """``argmin_{a >= 0} |matrix @ a - target|^2`` by accelerated projected gradient (FISTA)."""
-    step = 1.0 / max(float(torch.linalg.matrix_norm(matrix, 2)) ** 2, torch.finfo(torch.float64).tiny)
-    a = previous = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
-    momentum = 1.0
-    for _ in range(iterations):
-        look = a + ((momentum - 1) / (momentum + 2)) * (a - previous) if momentum > 1 else a
-        previous, a = a, (look - step * (matrix.T @ (matrix @ look - target))).clamp_min(0)
-        momentum += 1
+    """``argmin_{a >= 0} |matrix @ a - target|^2`` by accelerated projected gradient (FISTA).
+
+    A fixed number of steps of size ``1 / |matrix|_2^2``, from zero. The gradient
+    step ``x - step * matrix^T (matrix x - target)`` is precomputed as the affine
+    map ``(I - step matrix^T matrix) x + step matrix^T target``: one
+    matrix-vector product per step.
+    """
+    with _one_cpu_thread(matrix.device):
+        normal = matrix.T @ matrix
+        lipschitz = float(torch.linalg.eigvalsh(normal)[-1]) if normal.numel() else 0.0  # |matrix|_2^2
+        step = 1.0 / max(lipschitz, torch.finfo(torch.float64).tiny)
+        descent = torch.eye(normal.shape[0], dtype=torch.float64, device=matrix.device) - step * normal
+        shifted = step * (matrix.T @ target)
+        a = previous = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
+        for k in range(iterations):
+            momentum = k + 1
+            # Nesterov extrapolation a + (m - 1)/(m + 2) (a - previous), then a projected gradient step
+            look = torch.lerp(a, previous, -(momentum - 1) / (momentum + 2)) if momentum > 1 else a
+            previous, a = a, torch.addmv(shifted, descent, look).clamp_min_(0)
     return a
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run small sequential CPU kernels on one thread: waking a thread pool for each
+    costs more than the work itself (ten times more with ``OMP_WAIT_POLICY=PASSIVE``)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def input_covariance(stats: ProducerStats) -> tuple[float, torch.Tensor] | None:
@@ -248,6 +275,12 @@ def input_covariance(stats: ProducerStats) -> tuple[float, torch.Tensor] | None:
     the largest isotropic part that no channel contradicts. Returns
     ``(sigma2, alpha)``, or None without BN (nothing to estimate from).
     """
+    terms = _covariance_terms(stats)
+    return None if terms is None else terms[:2]
+
+
+def _covariance_terms(stats: ProducerStats) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+    """``(sigma2, alpha, W W^T)`` of :func:`input_covariance` (the Gram matrix is reused)."""
     if stats.bn is None:
         return None
     filters = stats.filters.to(torch.float64)
@@ -260,32 +293,41 @@ def input_covariance(stats: ProducerStats) -> tuple[float, torch.Tensor] | None:
     sigma2 = float((var[live] / sq_norms[live]).min())
     excess = (var - sigma2 * sq_norms).clamp_min(0)
     alpha = nonnegative_least_squares(products**2, excess)
-    return sigma2, alpha
+    return sigma2, alpha, products
 
 
 def calibrated_products(
-    stats: ProducerStats, w: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor
+    stats: ProducerStats,
+    w: torch.Tensor,
+    kept: torch.Tensor,
+    pruned: torch.Tensor,
+    white: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``W'_K Sigma W'_K^T`` and ``W'_K Sigma W'_P^T`` under :func:`input_covariance`
-    (the white-input products of :func:`filter_products` when it gives none).
+    (the white-input products of :func:`filter_products`, or ``white`` if given, when
+    it gives none).
 
     With ``Sigma = sigma2 I + W^T diag(alpha) W`` everything stays N x N:
     ``W' Sigma W'^T = sigma2 W' W'^T + (W' W^T) diag(alpha) (W W'^T)``.
     """
-    products = _calibrated_rows(stats, w, kept)  # |K| x N
-    if products is None:
-        return filter_products(w, kept, pruned)
-    return products[:, kept], products[:, pruned]
+    white = white if white is not None else filter_products(w, kept, pruned)
+    terms = _covariance_terms(stats)
+    if terms is None:
+        return white
+    sigma2, alpha, products = terms
+    mixed = bn_affine(stats)[0][:, None] * products  # W' W^T = diag(g) W W^T
+    extra = (mixed[kept] * alpha) @ mixed.T  # |K| x N
+    return sigma2 * white[0] + extra[:, kept], sigma2 * white[1] + extra[:, pruned]
 
 
-def _calibrated_rows(stats: ProducerStats, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
-    """Rows ``rows`` of ``W' Sigma W'^T`` under :func:`input_covariance` (None without an estimate)."""
-    estimate = input_covariance(stats)
-    if estimate is None:
+def _calibrated_covariance(stats: ProducerStats, w: torch.Tensor) -> torch.Tensor | None:
+    """``W' Sigma W'^T`` (N x N) under :func:`input_covariance` (None without an estimate)."""
+    terms = _covariance_terms(stats)
+    if terms is None:
         return None
-    sigma2, alpha = estimate
-    mixed = w @ stats.filters.to(torch.float64).T  # W' W^T, N x N
-    return sigma2 * (w[rows] @ w.T) + (mixed[rows] * alpha) @ mixed.T
+    sigma2, alpha, products = terms
+    mixed = bn_affine(stats)[0][:, None] * products
+    return sigma2 * (w @ w.T) + (mixed * alpha) @ mixed.T
 
 
 def relu_covariance(
@@ -323,19 +365,18 @@ def post_activation_products(
     With these products LBYL's solve gives the ``S`` that best predicts ``f_P``
     from ``f_K`` (means aside: the mean-shift correction restores them).
     """
-    everything = torch.arange(stats.channels, device=w.device)
-    covariance = _calibrated_rows(stats, w, everything)
+    covariance = _calibrated_covariance(stats, w)
     if covariance is None:
         covariance = w @ w.T
     post = relu_covariance(stats.bn.beta.to(torch.float64), covariance)
     return post[kept][:, kept], post[kept][:, pruned]
 
 
-def _products(stats, w, kept, pruned, input_model):
+def _products(stats, w, kept, pruned, input_model, white=None):
     if input_model == "white":
-        return filter_products(w, kept, pruned)
+        return white if white is not None else filter_products(w, kept, pruned)
     if input_model == "bn":
-        return calibrated_products(stats, w, kept, pruned)
+        return calibrated_products(stats, w, kept, pruned, white)
     raise ValueError(f"unknown input_model {input_model!r}; choose one of {', '.join(INPUT_MODELS)}")
 
 
