@@ -91,6 +91,10 @@ def unknown_order(tmp_path):
     lbyl.restore(small(), X, 0.5, order="reverse")
 
 
+def unknown_input_model(tmp_path):
+    lbyl.restore(small(), X, 0.5, input_model="pink")
+
+
 def not_a_module(tmp_path):
     lbyl.restore(lambda x: x, X, 0.5)
 
@@ -256,7 +260,7 @@ def cli_export_unknown_suffix(tmp_path):
 
 CASES = {f.__name__.replace("_", "-"): f for f in [
     example_input_type, example_input_shape, ratio_out_of_range, ratio_mapping_value, unknown_method,
-    unknown_criterion, negative_lambda, unknown_order, not_a_module, no_restorable_layer, nan_weights,
+    unknown_criterion, negative_lambda, unknown_order, unknown_input_model, not_a_module, no_restorable_layer, nan_weights,
     unknown_layer, skipped_layer, unknown_layer_in_ratio_mapping, batchnorm_divides_by_zero, half_precision_overflow,
     unknown_model,
     unimportable_model, weights_not_found, corrupt_weights, truncated_weights, corrupt_safetensors,
