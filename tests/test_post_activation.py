@@ -137,3 +137,18 @@ def test_restore_uses_the_post_activation_solve_on_a_one_channel_first_conv():
     with torch.no_grad():
         assert torch.isfinite(bn_model(x)).all()
         assert not torch.allclose(bn_model(x), white_model(x))
+
+
+def test_report_says_where_each_layer_was_solved():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=1)).eval()  # fmt: skip
+    x = torch.randn(1, 1, 8, 8)
+    _, report = lbyl.restore(model, x, 0.25)
+    assert [r.solve for r in report.layers] == ["after-relu", "bn"]  # 12 >= 9 weights; 6 < 144
+    assert "lbyl (after ReLU)" in report.table()
+    _, white = lbyl.restore(model, x, 0.25, input_model="white")
+    assert [r.solve for r in white.layers] == ["white", "white"]
+    _, nm = lbyl.restore(model, x, 0.25, method="nm")
+    assert [r.solve for r in nm.layers] == ["", ""]

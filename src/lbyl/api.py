@@ -13,7 +13,7 @@ import torch_pruning as tp
 
 from .correction import consumer_offset, mean_shift, padded_conv_coverage
 from .counting import MacTally, count_ops_and_params, count_params, counting, recount
-from .delivery import delivery_and_loss
+from .delivery import delivery_and_loss, lbyl_solve_space, scaled_filters
 from .criteria import CRITERIA, select_channels
 from .delivery import INPUT_MODELS, METHODS, BatchNormStats, ProducerStats, delivery_matrix, gcv_lambda2, restoration_loss
 from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups, release_trace
@@ -314,6 +314,9 @@ def restore(
         delivery, loss = delivery_and_loss(
             method, stats, kept, pruned, lambda1, layer_lambda2, input_model, group.activation
         )
+        solve = ""
+        if method == "lbyl":
+            solve = lbyl_solve_space(stats, scaled_filters(stats)[0][kept], input_model, group.activation)
         shift = mean_shift(stats, kept, pruned, delivery, group.activation) if bias_correction else None
         for consumer in group.consumers:  # about to be edited: keep what a later group must read
             if consumer.module in unread:
@@ -355,6 +358,7 @@ def restore(
                 activation=group.activation,
                 kept=kept.tolist(),
                 lambda2=float(layer_lambda2),
+                solve=solve,
             )
         )
     t0 = time.perf_counter()

@@ -212,13 +212,30 @@ def lbyl_delivery(
     return _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, white)
 
 
-def _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, white):
-    if input_model == "bn" and activation == "relu" and stats.bn is not None and spans_input_space(w[kept]):
+def lbyl_solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_model: str, activation: str) -> str:
+    """Where LBYL measures a pruned channel's error for this layer.
+
+    ``"white"`` (the paper's filter distance), ``"bn"`` (the input covariance from
+    the BatchNorm variances) or ``"after-relu"`` (the ReLU outputs, when the kept
+    filters span the input space). ``kept_filters`` are the kept BN-scaled filters.
+    """
+    if input_model not in INPUT_MODELS:
+        raise ValueError(f"unknown input_model {input_model!r}; choose one of {', '.join(INPUT_MODELS)}")
+    if input_model == "white" or stats.bn is None:
+        return "white"
+    if activation == "relu" and spans_input_space(kept_filters):
         # every filter is rebuilt exactly before the ReLU: that loss is zero and cannot tell solutions
         # apart, so the activation error alone decides
+        return "after-relu"
+    return "bn"
+
+
+def _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, white):
+    space = lbyl_solve_space(stats, w[kept], input_model, activation)
+    if space == "after-relu":
         solve = post_activation_products(stats, w, kept, pruned)
     else:
-        solve = _products(stats, w, kept, pruned, input_model, white)
+        solve = _products(stats, w, kept, pruned, space, white)
     return _solve_spd(*lbyl_system(*solve, b, kept, pruned, lambda1, lambda2))
 
 

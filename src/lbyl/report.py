@@ -23,6 +23,7 @@ class LayerRecord:
     activation: str = "relu"
     kept: list[int] = field(default_factory=list)  # original indices of the kept channels
     lambda2: float = 0.0  # the coefficient penalty this layer used (chosen per layer with "auto")
+    solve: str = ""  # lbyl only: where the error was measured ("white", "bn" or "after-relu")
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Report:
             (
                 r.name,
                 f"{r.channels_before} -> {r.channels_after}",
-                r.method,
+                r.method + (" (after ReLU)" if r.solve == "after-relu" else ""),
                 f"{r.re:.4g}",
                 f"{r.be:.4g}",
                 f"{r.ae:.4g}",
