@@ -11,14 +11,14 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .correction import consumer_offset, mean_shift, padded_conv_coverage
+from .correction import channel_sums, consumer_offset, mean_shift, padded_conv_coverage, variance_ratio
 from .counting import MacTally, count_ops_and_params, count_params, counting, recount
-from .delivery import delivery_and_loss, lbyl_solve_space, scaled_filters
+from .delivery import delivery_and_loss, lbyl_solve_space, preactivation_covariance, relu_covariance, scaled_filters
 from .criteria import CRITERIA, select_channels
 from .delivery import INPUT_MODELS, METHODS, BatchNormStats, ProducerStats, delivery_matrix, gcv_lambda2, restoration_loss
 from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups, release_trace
 from .report import LayerRecord, Report, SkippedRecord
-from .surgery import add_output_offset, apply_delivery, remove_channels
+from .surgery import add_output_offset, apply_delivery, remove_channels, scale_running_variance
 
 ORDERS = ("original", "sequential")
 #: methods whose mean shift is corrected unless the caller says otherwise
@@ -31,7 +31,8 @@ def producer_stats(group: RestorableGroup, dropped_inputs: Sequence[int] = ()) -
     ``dropped_inputs`` removes input columns (sequential order: inputs already
     pruned upstream no longer exist).
     """
-    weight = group.producer.weight.detach().to(torch.float64)
+    # copies, never views: the module may be edited in place after this snapshot is taken
+    weight = group.producer.weight.detach().to(torch.float64, copy=True)
     if dropped_inputs:
         keep = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
         keep[list(dropped_inputs)] = False
@@ -46,15 +47,15 @@ def producer_stats(group: RestorableGroup, dropped_inputs: Sequence[int] = ()) -
         running_mean = m.running_mean if m.running_mean is not None else zeros
         running_var = m.running_var if m.running_var is not None else ones
         bn = BatchNormStats(
-            gamma=(m.weight.detach() if m.weight is not None else ones).to(torch.float64),
-            beta=(m.bias.detach() if m.bias is not None else zeros).to(torch.float64),
-            mean=running_mean.detach().to(torch.float64),
-            var=running_var.detach().to(torch.float64),
+            gamma=(m.weight.detach() if m.weight is not None else ones).to(torch.float64, copy=True),
+            beta=(m.bias.detach() if m.bias is not None else zeros).to(torch.float64, copy=True),
+            mean=running_mean.detach().to(torch.float64, copy=True),
+            var=running_var.detach().to(torch.float64, copy=True),
             eps=float(m.eps),
         )
     return ProducerStats(
         filters=weight.reshape(weight.shape[0], -1),
-        bias=bias.detach().to(torch.float64) if bias is not None else None,
+        bias=bias.detach().to(torch.float64, copy=True) if bias is not None else None,
         bn=bn,
     )
 
@@ -223,6 +224,7 @@ def restore(
     order: str = "original",
     bias_correction: bool | None = None,
     input_model: str = "bn",
+    variance_correction: bool | None = None,
 ) -> tuple[nn.Module, Report]:
     """Remove ``ratio`` of the channels of every restorable layer and restore the model without data.
 
@@ -256,6 +258,11 @@ def restore(
         the kept filters rebuild the pruned ones exactly (more kept filters than weights per
         filter), the delivery is solved after the ReLU under a Gaussian model of the BN outputs.
         ``"white"``: plain squared distance between filters, the paper's loss (white inputs).
+    variance_correction : rescale the running variance of the BatchNorm that reads each
+        consumer by the change of that consumer's output variance that the restoration
+        causes, predicted under the input model (no data). None (default): on for ``"lbyl"``,
+        off for the others, like ``bias_correction``. Consumers without such a BatchNorm are
+        not corrected.
 
     Returns
     -------
@@ -266,6 +273,8 @@ def restore(
         raise ValueError(f"unknown input_model {input_model!r}; choose one of {', '.join(INPUT_MODELS)}")
     if bias_correction is None:
         bias_correction = method in CORRECTED_BY_DEFAULT
+    if variance_correction is None:
+        variance_correction = method in CORRECTED_BY_DEFAULT
     inputs = _as_inputs(example_inputs)
     started = time.perf_counter()
     was_training = model.training
@@ -311,8 +320,12 @@ def restore(
         layer_lambda2 = lambda2
         if lambda2 == "auto":
             layer_lambda2 = gcv_lambda2(stats, kept, pruned, lambda1) if method == "lbyl" and len(pruned) else 0.0
+        # the covariance of the BN outputs under the input model: computed once, for the solve and the variances
+        covariance = None
+        if (method == "lbyl" and input_model == "bn" and stats.bn is not None) or (variance_correction and len(pruned)):
+            covariance = preactivation_covariance(stats, input_model)
         delivery, loss = delivery_and_loss(
-            method, stats, kept, pruned, lambda1, layer_lambda2, input_model, group.activation
+            method, stats, kept, pruned, lambda1, layer_lambda2, input_model, group.activation, covariance
         )
         solve = ""
         if method == "lbyl":
@@ -329,6 +342,13 @@ def restore(
                     consumer.module.weight, consumer.positions.to(device), pruned, shift, coverage.get(consumer.module)
                 )
                 add_output_offset(consumer.module, offset, consumer.next_bn)
+        if variance_correction and len(pruned):
+            if solve == "after-relu":  # variances in the space the delivery was solved in
+                covariance = relu_covariance(stats.bn.beta, covariance)
+            for consumer in group.consumers:
+                if consumer.next_bn is not None and consumer.next_bn.running_var is not None:
+                    sums = channel_sums(consumer.module.weight, consumer.positions.to(device))
+                    scale_running_variance(consumer.next_bn, variance_ratio(sums, kept, pruned, delivery, covariance))
         apply_delivery(group.consumers, kept, pruned, delivery)
         _check_finite_edit(group, method)
         pruned_list = pruned.tolist()
@@ -379,6 +399,7 @@ def restore(
         order=order,
         bias_correction=bool(bias_correction),
         input_model=input_model,
+        variance_correction=bool(variance_correction),
     )
     report = Report(
         settings=settings,

@@ -80,11 +80,36 @@ def consumer_offset(
     so each tap is weighted by ``coverage`` (see :func:`tap_coverage`): the
     correction is then right on average over the output positions.
     """
-    blocks = weight.detach()[:, positions[pruned]].to(torch.float64)  # (out, P, slots, *kernel)
+    return channel_sums(weight, positions[pruned], coverage) @ shift.to(weight.device)
+
+
+def channel_sums(weight: torch.Tensor, positions: torch.Tensor, coverage: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum(V[o, slots of c])`` for every consumer output ``o`` and channel row ``c`` of
+    ``positions`` (a channel's flatten slots and kernel taps together), taps weighted by
+    ``coverage`` if given: (out, channels)."""
+    blocks = weight.detach()[:, positions].to(torch.float64)  # (out, C, slots, *kernel)
     if coverage is not None:
         blocks = blocks * coverage.to(blocks.device)
-    per_channel = blocks.flatten(start_dim=2).sum(dim=2)  # (out, P)
-    return per_channel @ shift.to(per_channel.device)
+    return blocks.flatten(start_dim=2).sum(dim=2)
+
+
+def variance_ratio(
+    sums: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor, delivery: torch.Tensor, covariance: torch.Tensor
+) -> torch.Tensor:
+    """Variance of each consumer output after / before restoration, under the input model.
+
+    ``sums`` are the consumer's :func:`channel_sums` (out, N), ``covariance`` the
+    producer channels' covariance (N x N, :func:`lbyl.delivery.preactivation_covariance`).
+    Each channel is taken as constant over the consumer's window, so an output's
+    variance is ``u C u^T`` with ``u`` its row of ``sums``; after the delivery ``u``
+    becomes ``u_K + u_P S^T`` over the kept channels. Outputs with no variance
+    before keep ratio 1.
+    """
+    sums, covariance = sums.to(torch.float64), covariance.to(torch.float64)
+    before = ((sums @ covariance) * sums).sum(dim=1)
+    after_sums = sums[:, kept] + sums[:, pruned] @ delivery.to(torch.float64).T
+    after = ((after_sums @ covariance[kept][:, kept]) * after_sums).sum(dim=1)
+    return torch.where(before > 0, after / before.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(before))
 
 
 def padded_conv_coverage(model, inputs, modules, input_sizes: dict | None = None) -> dict:

@@ -230,10 +230,12 @@ def lbyl_solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_mod
     return "bn"
 
 
-def _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, white):
+def _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, white, covariance=None):
     space = lbyl_solve_space(stats, w[kept], input_model, activation)
     if space == "after-relu":
-        solve = post_activation_products(stats, w, kept, pruned)
+        solve = post_activation_products(stats, w, kept, pruned, covariance)
+    elif space == "bn" and covariance is not None:
+        solve = covariance[kept][:, kept], covariance[kept][:, pruned]
     else:
         solve = _products(stats, w, kept, pruned, space, white)
     return _solve_spd(*lbyl_system(*solve, b, kept, pruned, lambda1, lambda2))
@@ -337,6 +339,14 @@ def calibrated_products(
     return sigma2 * white[0] + extra[:, kept], sigma2 * white[1] + extra[:, pruned]
 
 
+def preactivation_covariance(stats: ProducerStats, input_model: str = "bn") -> torch.Tensor:
+    """``W' Sigma W'^T`` (N x N): the covariance of the BN outputs under the input model
+    (``"bn"``: :func:`input_covariance`; ``"white"``, or no BN: ``Sigma = I``)."""
+    w, _ = scaled_filters(stats)
+    covariance = _calibrated_covariance(stats, w) if input_model == "bn" else None
+    return covariance if covariance is not None else w @ w.T
+
+
 def _calibrated_covariance(stats: ProducerStats, w: torch.Tensor) -> torch.Tensor | None:
     """``W' Sigma W'^T`` (N x N) under :func:`input_covariance` (None without an estimate)."""
     terms = _covariance_terms(stats)
@@ -373,7 +383,8 @@ def relu_covariance(
 
 
 def post_activation_products(
-    stats: ProducerStats, w: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor
+    stats: ProducerStats, w: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor,
+    covariance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``Cov(f_K, f_K)`` and ``Cov(f_K, f_P)`` of the channels after ReLU, ``f = relu(z)``.
 
@@ -381,10 +392,10 @@ def post_activation_products(
     ``W' Sigma W'^T`` (:func:`input_covariance`; white inputs without an estimate).
     With these products LBYL's solve gives the ``S`` that best predicts ``f_P``
     from ``f_K`` (means aside: the mean-shift correction restores them).
+    ``covariance``: that matrix if already computed (:func:`preactivation_covariance`).
     """
-    covariance = _calibrated_covariance(stats, w)
     if covariance is None:
-        covariance = w @ w.T
+        covariance = preactivation_covariance(stats, "bn")
     post = relu_covariance(stats.bn.beta.to(torch.float64), covariance)
     return post[kept][:, kept], post[kept][:, pruned]
 
@@ -611,19 +622,23 @@ def delivery_and_loss(
     lambda2: float = 0.0,
     input_model: str = "white",
     activation: str = "identity",
+    covariance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``delivery_matrix(...)`` and ``restoration_loss(...)`` of it, sharing the work.
 
     For ``"lbyl"`` the Gram matrix and cross products of the solve also give the
     residual error (:func:`residual_from_products`); other methods compute both
-    separately.
+    separately. ``covariance``: :func:`preactivation_covariance` of the input
+    model if the caller has it (it is not computed twice).
     """
     if method != "lbyl":
         delivery = delivery_matrix(method, stats, kept, pruned, lambda1, lambda2)
         return delivery, restoration_loss(stats, kept, pruned, delivery)
     w, b = scaled_filters(stats)
     gram, cross = filter_products(w, kept, pruned)  # the reported RE is the paper's white-input term
-    delivery = _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, (gram, cross))
+    delivery = _lbyl_solve(
+        stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, (gram, cross), covariance
+    )
     loss = {
         "re": residual_from_products(w, gram, cross, kept, pruned, delivery),
         "be": (b[pruned] - delivery.T @ b[kept]) ** 2,

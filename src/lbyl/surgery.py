@@ -61,6 +61,13 @@ def apply_delivery(consumers: list[Consumer], kept, pruned, delivery) -> None:
             fold_into_consumer_(weight, consumer.positions.to(weight.device), kept, pruned, delivery)
 
 
+def scale_running_variance(bn: nn.Module, ratio: torch.Tensor) -> None:
+    """Multiply a BatchNorm's running variance by ``ratio`` (per channel), in its own dtype."""
+    with torch.no_grad():
+        var = bn.running_var
+        var.copy_((var.to(torch.float64) * ratio.to(var.device, torch.float64)).to(var.dtype))
+
+
 def add_output_offset(module: nn.Module, offset: torch.Tensor, next_bn: nn.Module | None = None, where: str = "auto") -> str:
     """Add a constant ``offset`` to every output channel of ``module``; returns where it went.
 

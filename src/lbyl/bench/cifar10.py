@@ -102,7 +102,7 @@ SMOKE = dict(checkpoints=("resnet20-jpeg",), ratios=(0.0, 0.5), limit=500)
 COLUMNS = (
     "key", "label", "kind", "model", "weights", "ratio", "method", "criterion", "lambda1", "lambda2",
     "bias_correction", "accuracy", "params", "macs", "restore_seconds", "eval_seconds", "re", "be", "ae",
-    "images", "seed", "lossless", "layer_lambda2_mean", "commit", "finished", "input_model",
+    "images", "seed", "lossless", "layer_lambda2_mean", "commit", "finished", "input_model", "variance_correction",
 )  # fmt: skip
 _FLOATS = ("ratio", "accuracy", "restore_seconds", "eval_seconds", "re", "be", "ae", "layer_lambda2_mean")
 _INTS = ("params", "macs", "images", "seed")
@@ -124,11 +124,16 @@ def restore_defaults() -> dict:
     return defaults
 
 
-def _bias_correction(method: str, defaults: dict) -> bool:
-    value = defaults.get("bias_correction", False)
+def _corrected(method: str, defaults: dict, name: str) -> bool:
+    """Whether a correction (``bias_correction`` or ``variance_correction``) is on for ``method``."""
+    value = defaults.get(name, False)
     if value is None:
         return method in defaults.get("corrected_by_default", ())
     return bool(value)
+
+
+def _bias_correction(method: str, defaults: dict) -> bool:
+    return _corrected(method, defaults, "bias_correction")
 
 
 def _fmt(value) -> str:
@@ -154,6 +159,7 @@ class Run:
     seed: int = SEED
     bias_correction: bool | None = None  # None: the library default
     input_model: str | None = None  # None: the library default (``lbyl`` only)
+    variance_correction: bool | None = None  # None: the library default
 
     def restore_kwargs(self) -> dict:
         kwargs = dict(method=self.method, criterion=self.criterion, seed=self.seed)
@@ -165,12 +171,14 @@ class Run:
             kwargs["bias_correction"] = self.bias_correction
         if self.input_model is not None:
             kwargs["input_model"] = self.input_model
+        if self.variance_correction is not None:
+            kwargs["variance_correction"] = self.variance_correction
         return kwargs
 
     def resolved(self, defaults: dict) -> dict:
         """The settings the run uses, defaults resolved ("-" where a setting does not apply)."""
         if self.kind == "baseline":
-            return dict(lambda1="-", lambda2="-", bias_correction="-", input_model="-")
+            return dict(lambda1="-", lambda2="-", bias_correction="-", input_model="-", variance_correction="-")
         uses_lambdas = self.method in LAMBDA_METHODS
         lambda1 = self.lambda1 if self.lambda1 is not None else defaults.get("lambda1", 0.0)
         lambda2 = self.lambda2 if self.lambda2 is not None else defaults.get("lambda2", 0.0)
@@ -181,6 +189,10 @@ class Run:
                 self.bias_correction if self.bias_correction is not None else _bias_correction(self.method, defaults)
             ),
             input_model=(self.input_model or defaults.get("input_model", "white")) if self.method == "lbyl" else "-",
+            variance_correction=_fmt(
+                self.variance_correction if self.variance_correction is not None
+                else _corrected(self.method, defaults, "variance_correction")
+            ),
         )
 
     def key(self, defaults: dict) -> str:
@@ -189,8 +201,9 @@ class Run:
         s = self.resolved(defaults)
         # an input-model run is a main run with one setting changed: it keeps that run's key, so that
         # switching the default swaps the two without recomputing either
-        kind = "main" if self.kind == "input-model" else self.kind
+        kind = "main" if self.kind in ("input-model", "variance") else self.kind
         model = f"|im={s['input_model']}" if s["input_model"] not in ("-", "white") else ""
+        model += "|vc=true" if s["variance_correction"] == "true" else ""  # rows from before it existed: off
         return (
             f"{self.label}|{kind}|r={_fmt(self.ratio)}|{self.method}|{self.criterion}|"
             f"l1={s['lambda1']}|l2={s['lambda2']}|bc={s['bias_correction']}|n={self.images}|seed={self.seed}{model}"
@@ -265,6 +278,10 @@ def build_plan(
     # lbyl with the input model that is not the default, every checkpoint (a main run's key: see Run.key)
     other = next(m for m in ("white", "bn") if m != restore_defaults().get("input_model", "white"))
     plan += [Run(label, "input-model", ratio, "lbyl", "l2", images=images, input_model=other)
+             for label in labels for ratio in RATIOS]  # fmt: skip
+    # and with the variance correction flipped
+    flipped = not _corrected("lbyl", restore_defaults(), "variance_correction")
+    plan += [Run(label, "variance", ratio, "lbyl", "l2", images=images, variance_correction=flipped)
              for label in labels for ratio in RATIOS]  # fmt: skip
     plan += grid("resnet20-jpeg") if "resnet20-jpeg" in labels else []
     plan += ablation("resnet20-jpeg") if "resnet20-jpeg" in labels else []
@@ -737,7 +754,8 @@ def report_sections(
         if len(parts) > 2:
             sections.append("\n\n".join(parts))
 
-    sections += [s for s in (_default_standing(plan, found, defaults), _input_model_section(plan, found, defaults)) if s]
+    sections += [s for s in (_default_standing(plan, found, defaults), _variance_section(plan, found, defaults),
+                             _input_model_section(plan, found, defaults)) if s]  # fmt: skip
 
     # win counts ---------------------------------------------------------------------
     wins = _win_counts(plan, found, defaults)
@@ -881,6 +899,34 @@ def _input_model_section(plan, found, defaults) -> str:
         "and with `input_model=\"bn\"` (the residual measured in the metric of the input covariance estimated "
         f"from the BatchNorm variances, docs/method.md section 5b); the library default is `\"{default}\"`, "
         "everything else at the defaults, all 10,000 images.\n\n"
+        + _table(["checkpoint", *(f"{r:g}" for r in RATIOS), "mean change"], body)
+    )
+
+
+def _variance_section(plan, found, defaults) -> str:
+    """``lbyl`` with and without the variance correction (criterion L2)."""
+    flipped = {(r.label, r.ratio): found.get(r.key(defaults)) for r in plan if r.kind == "variance"}
+    on_by_default = _corrected("lbyl", defaults, "variance_correction")
+    body = []
+    for label in dict.fromkeys(label for label, _ in flipped):
+        cells, diffs = [f"`{label}`"], []
+        for ratio in RATIOS:
+            f = flipped.get((label, ratio))
+            m = found.get(Run(label, "main", ratio, "lbyl", "l2").key(defaults))
+            off, on = (f, m) if on_by_default else (m, f)
+            cells.append(f"{off['accuracy']:.2f} -> {on['accuracy']:.2f}" if off and on else "")
+            if off and on:
+                diffs.append(on["accuracy"] - off["accuracy"])
+        cells.append(f"{sum(diffs) / len(diffs):+.2f}" if diffs else "")
+        body.append(cells)
+    if not any(c for row in body for c in row[1:]):
+        return ""
+    return (
+        "## Variance correction of `lbyl`: off -> on (criterion L2)\n\n"
+        "Top-1 % of `lbyl` without and with `variance_correction` (the running variance of the BatchNorm after "
+        "each consumer rescaled by the predicted change of the consumer's output variance, docs/method.md "
+        f"section 5d); the library default is {'on' if on_by_default else 'off'}, everything else at the "
+        "defaults, all 10,000 images.\n\n"
         + _table(["checkpoint", *(f"{r:g}" for r in RATIOS), "mean change"], body)
     )
 
