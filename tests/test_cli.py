@@ -129,6 +129,12 @@ def test_restore_options_reach_the_plan(capsys, tmp_path, weights_file):
                          "--input-model", "white", "--out", str(tmp_path / "white"))  # fmt: skip
     plan = json.loads((tmp_path / "white" / "plan.json").read_text())
     assert code == 0 and plan["settings"]["input_model"] == "white"
+    assert plan["settings"]["variance_correction"] is True  # on for lbyl by default
+
+    code, _, _ = run_cli(capsys, "restore", "--model", "demo-cnn", "--weights", weights_file, "--ratio", "0.25",
+                         "--variance-correction", "off", "--out", str(tmp_path / "novc"))  # fmt: skip
+    plan = json.loads((tmp_path / "novc" / "plan.json").read_text())
+    assert code == 0 and plan["settings"]["variance_correction"] is False
 
 
 def test_restore_then_eval_matches_in_memory_model(capsys, tmp_path, weights_file):

@@ -157,6 +157,9 @@ def _add_restore_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bias-correction", choices=("auto", "on", "off"), default="auto",
                         help="add back the mean input the removed channels gave the next layer, computed from "
                         "the BatchNorm statistics (no data); auto: on for lbyl, off for the others (default)")  # fmt: skip
+    parser.add_argument("--variance-correction", choices=("auto", "on", "off"), default="auto",
+                        help="rescale the running variance of the BatchNorm after each consumer by the predicted "
+                        "change of its input's variance (no data); auto: on for lbyl, off for the others (default)")  # fmt: skip
     parser.add_argument("--input-model", choices=("bn", "white"), default="bn",
                         help="LBYL only: bn measures the residual in the input covariance estimated from the "
                         "BatchNorm variances (default); white uses the paper's plain filter distance")  # fmt: skip
@@ -425,6 +428,10 @@ def _bias_correction(args) -> bool | None:
     return {"auto": None, "on": True, "off": False}[args.bias_correction]
 
 
+def _variance_correction(args) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.variance_correction]
+
+
 def cmd_restore(args) -> int:
     from .api import restore
     from .io import save_restored
@@ -436,6 +443,7 @@ def cmd_restore(args) -> int:
         model, inputs, args.ratio, method=args.method, criterion=args.criterion,
         lambda1=args.lambda1, lambda2=args.lambda2, layers=_layers(args), seed=args.seed, order=args.order,
         bias_correction=_bias_correction(args), input_model=args.input_model,
+        variance_correction=_variance_correction(args),
     )  # fmt: skip
     print(report.table())
     out = save_restored(
@@ -495,7 +503,7 @@ def cmd_sweep(args) -> int:
         model, inputs, images, labels, args.ratios, args.methods, args.criteria, args.lambda1, args.lambda2,
         mean=mean, std=std, batch_size=args.batch_size, seed=args.seed, order=args.order,
         layers=_layers(args), bias_correction=_bias_correction(args), input_model=args.input_model,
-        model_name=args.model, weights_name=Path(args.weights).name,
+        variance_correction=_variance_correction(args), model_name=args.model, weights_name=Path(args.weights).name,
     )  # fmt: skip
     out = Path(args.out)
     title = f"{args.model} on {data} ({len(labels):,} test images)"

@@ -78,6 +78,7 @@ def run_sweep(
     layers=None,
     bias_correction: bool | None = None,
     input_model: str = "bn",
+    variance_correction: bool | None = None,
     model_name: str = "",
     weights_name: str = "",
     channels_last: bool = True,
@@ -88,7 +89,8 @@ def run_sweep(
 
     ``images`` are uint8 together with ``mean``/``std``, or model-ready floats.
     ``lambda1``, ``lambda2``, ``seed``, ``order``, ``layers``,
-    ``bias_correction`` and ``input_model`` go to :func:`lbyl.restore` unchanged.
+    ``bias_correction``, ``input_model`` and ``variance_correction`` go to
+    :func:`lbyl.restore` unchanged.
     Each row holds the accuracy (top-1 %), parameter and MAC counts, the
     restoration time and the summed RE/BE/AE losses of all layers. ``on_row``
     is called with each row as soon as it is ready (e.g. to print it).
@@ -131,6 +133,7 @@ def run_sweep(
                 model, inputs, float(ratio), method=method, criterion=criterion,
                 lambda1=lambda1, lambda2=lambda2, seed=seed, order=order, layers=layers,
                 bias_correction=bias_correction, input_model=input_model,
+                variance_correction=variance_correction,
             )  # fmt: skip
             seconds = time.perf_counter() - started
             row = dict(

@@ -875,23 +875,31 @@ def _default_standing(plan, found, defaults) -> str:
     )
 
 
-def _input_model_section(plan, found, defaults) -> str:
-    """``lbyl`` with the paper's white-input loss against the BN input model (criterion L2)."""
-    other = {(r.label, r.ratio): found.get(r.key(defaults)) for r in plan if r.kind == "input-model"}
-    default = defaults.get("input_model", "white")
+def _flip_rows(plan, found, defaults, kind: str, default_is_second: bool) -> list[list[str]]:
+    """Per checkpoint: ``lbyl`` main run against the ``kind`` run (one setting flipped), as
+    "first -> second" cells per ratio and the mean change; ``default_is_second``: the main
+    run (the library default) is the second of the pair."""
+    flipped = {(r.label, r.ratio): found.get(r.key(defaults)) for r in plan if r.kind == kind}
     body = []
-    for label in dict.fromkeys(label for label, _ in other):
+    for label in dict.fromkeys(label for label, _ in flipped):
         cells, diffs = [f"`{label}`"], []
         for ratio in RATIOS:
-            o = other.get((label, ratio))
-            m = found.get(Run(label, "main", ratio, "lbyl", "l2").key(defaults))
-            w, d = (m, o) if default == "white" else (o, m)  # w: white inputs, d: BN input model
-            cells.append(f"{w['accuracy']:.2f} -> {d['accuracy']:.2f}" if w and d else "")
-            if w and d:
-                diffs.append(d["accuracy"] - w["accuracy"])
+            other = flipped.get((label, ratio))
+            main = found.get(Run(label, "main", ratio, "lbyl", "l2").key(defaults))
+            first, second = (other, main) if default_is_second else (main, other)
+            cells.append(f"{first['accuracy']:.2f} -> {second['accuracy']:.2f}" if first and second else "")
+            if first and second:
+                diffs.append(second["accuracy"] - first["accuracy"])
         cells.append(f"{sum(diffs) / len(diffs):+.2f}" if diffs else "")
         body.append(cells)
-    if not any(c for row in body for c in row[1:]):
+    return body if any(c for row in body for c in row[1:]) else []
+
+
+def _input_model_section(plan, found, defaults) -> str:
+    """``lbyl`` with the paper's white-input loss against the BN input model (criterion L2)."""
+    default = defaults.get("input_model", "white")
+    body = _flip_rows(plan, found, defaults, "input-model", default_is_second=default == "bn")
+    if not body:
         return ""
     return (
         "## Input model of `lbyl`: white inputs -> BN covariance (criterion L2)\n\n"
@@ -905,21 +913,9 @@ def _input_model_section(plan, found, defaults) -> str:
 
 def _variance_section(plan, found, defaults) -> str:
     """``lbyl`` with and without the variance correction (criterion L2)."""
-    flipped = {(r.label, r.ratio): found.get(r.key(defaults)) for r in plan if r.kind == "variance"}
     on_by_default = _corrected("lbyl", defaults, "variance_correction")
-    body = []
-    for label in dict.fromkeys(label for label, _ in flipped):
-        cells, diffs = [f"`{label}`"], []
-        for ratio in RATIOS:
-            f = flipped.get((label, ratio))
-            m = found.get(Run(label, "main", ratio, "lbyl", "l2").key(defaults))
-            off, on = (f, m) if on_by_default else (m, f)
-            cells.append(f"{off['accuracy']:.2f} -> {on['accuracy']:.2f}" if off and on else "")
-            if off and on:
-                diffs.append(on["accuracy"] - off["accuracy"])
-        cells.append(f"{sum(diffs) / len(diffs):+.2f}" if diffs else "")
-        body.append(cells)
-    if not any(c for row in body for c in row[1:]):
+    body = _flip_rows(plan, found, defaults, "variance", default_is_second=on_by_default)
+    if not body:
         return ""
     return (
         "## Variance correction of `lbyl`: off -> on (criterion L2)\n\n"
