@@ -223,7 +223,7 @@ def restore(
     inplace: bool = False,
     order: str = "original",
     bias_correction: bool | None = None,
-    input_model: str = "bn",
+    input_model: str = "white",
     variance_correction: bool | None = None,
 ) -> tuple[nn.Module, Report]:
     """Remove ``ratio`` of the channels of every restorable layer and restore the model without data.
@@ -252,12 +252,13 @@ def restore(
         running mean. Layers without BatchNorm are not corrected. None (default) turns it on
         for ``"lbyl"``, where the benchmarks show it helps at every ratio, and off for the
         baselines and paper variants, which then behave as published.
-    input_model : how ``"lbyl"`` weighs the residual of a pruned filter. ``"bn"`` (default):
-        in the metric of the producer's input covariance estimated from its BatchNorm's
-        running variances (no data; layers without BatchNorm fall back to ``"white"``); where
-        the kept filters rebuild the pruned ones exactly (more kept filters than weights per
-        filter), the delivery is solved after the ReLU under a Gaussian model of the BN outputs.
-        ``"white"``: plain squared distance between filters, the paper's loss (white inputs).
+    input_model : the covariance model of a layer's BN outputs, for ``"lbyl"``'s residual and
+        for the predictions made without data (the variance correction, the solve after the
+        ReLU). ``"white"`` (default): white inputs, plain squared distance between filters (the
+        paper's loss). ``"bn"``: the input covariance estimated from the BatchNorm's running
+        variances (layers without BatchNorm fall back to ``"white"``). Where the kept filters
+        span the input space (more kept filters than weights per filter) and a BN and ReLU
+        follow, the delivery is solved after the ReLU under a Gaussian model of the BN outputs.
     variance_correction : rescale the running variance of the BatchNorm that reads each
         consumer by the change of that consumer's output variance that the restoration
         causes, predicted under the input model (no data). None (default): on for ``"lbyl"``,

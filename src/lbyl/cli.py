@@ -160,9 +160,9 @@ def _add_restore_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variance-correction", choices=("auto", "on", "off"), default="auto",
                         help="rescale the running variance of the BatchNorm after each consumer by the predicted "
                         "change of its input's variance (no data); auto: on for lbyl, off for the others (default)")  # fmt: skip
-    parser.add_argument("--input-model", choices=("bn", "white"), default="bn",
-                        help="LBYL only: bn measures the residual in the input covariance estimated from the "
-                        "BatchNorm variances (default); white uses the paper's plain filter distance")  # fmt: skip
+    parser.add_argument("--input-model", choices=("white", "bn"), default="white",
+                        help="LBYL only: covariance model of the BN outputs; white: the paper's plain filter "
+                        "distance (default); bn: the input covariance estimated from the BatchNorm variances")  # fmt: skip
     parser.add_argument("--layers", nargs="+", metavar="PATTERN",
                         help="prune only these layers (names or glob patterns such as 'layer1.*'), or 'all' for every "
                         "restorable layer; default: the papers' protocol (every restorable convolution of a CNN, "

@@ -203,9 +203,10 @@ def lbyl_delivery(
     ``A`` is shared by all pruned channels: one factorisation per layer.
     ``input_model="bn"`` measures the residual in the metric of the input
     covariance estimated from the BatchNorm variances (:func:`calibrated_products`)
-    instead of the white-input metric above; there, if the kept filters span the
-    whole input space (:func:`spans_input_space`) and ``activation`` is ``"relu"``,
-    ``S`` is solved after the activation instead (:func:`post_activation_products`).
+    instead of the white-input metric above. If the kept filters span the whole
+    input space (:func:`spans_input_space`), a BN follows and ``activation`` is
+    ``"relu"``, ``S`` is solved after the activation instead, under the input
+    model's covariance (:func:`post_activation_products`).
     """
     w, b = scaled_filters(stats)
     white = filter_products(w, kept, pruned)
@@ -216,23 +217,26 @@ def lbyl_solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_mod
     """Where LBYL measures a pruned channel's error for this layer.
 
     ``"white"`` (the paper's filter distance), ``"bn"`` (the input covariance from
-    the BatchNorm variances) or ``"after-relu"`` (the ReLU outputs, when the kept
-    filters span the input space). ``kept_filters`` are the kept BN-scaled filters.
+    the BatchNorm variances) or ``"after-relu"`` (the ReLU outputs under the input
+    model's covariance, when the kept filters span the input space and a BN and a
+    ReLU follow). ``kept_filters`` are the kept BN-scaled filters.
     """
     if input_model not in INPUT_MODELS:
         raise ValueError(f"unknown input_model {input_model!r}; choose one of {', '.join(INPUT_MODELS)}")
-    if input_model == "white" or stats.bn is None:
+    if stats.bn is None:
         return "white"
     if activation == "relu" and spans_input_space(kept_filters):
         # every filter is rebuilt exactly before the ReLU: that loss is zero and cannot tell solutions
         # apart, so the activation error alone decides
         return "after-relu"
-    return "bn"
+    return input_model
 
 
 def _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, white, covariance=None):
     space = lbyl_solve_space(stats, w[kept], input_model, activation)
     if space == "after-relu":
+        if covariance is None:
+            covariance = preactivation_covariance(stats, input_model)
         solve = post_activation_products(stats, w, kept, pruned, covariance)
     elif space == "bn" and covariance is not None:
         solve = covariance[kept][:, kept], covariance[kept][:, pruned]

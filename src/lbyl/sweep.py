@@ -77,7 +77,7 @@ def run_sweep(
     order: str = "original",
     layers=None,
     bias_correction: bool | None = None,
-    input_model: str = "bn",
+    input_model: str = "white",
     variance_correction: bool | None = None,
     model_name: str = "",
     weights_name: str = "",
