@@ -89,8 +89,12 @@ def test_spanning_kept_filters_switch_to_the_post_activation_solve():
     assert not torch.allclose(after, before, atol=1e-3)
     # no ReLU, or the white input model: the pre-activation solve (exact here) as before
     assert torch.allclose(lbyl_delivery(stats, KEPT, PRUNED, input_model="bn", activation="identity"), before)
-    white = lbyl_delivery(stats, KEPT, PRUNED, input_model="white", activation="relu")
+    white = lbyl_delivery(stats, KEPT, PRUNED, input_model="white", activation="identity")
     assert torch.allclose(w[KEPT].T @ white, w[PRUNED].T, atol=1e-8)  # exact rebuild before the ReLU
+    # the white model solves after the ReLU too, under its own (white) covariance
+    white_after = _solve_spd(*post_activation_products(stats, w, KEPT, PRUNED, w @ w.T))
+    assert torch.allclose(lbyl_delivery(stats, KEPT, PRUNED, input_model="white", activation="relu"), white_after)
+    assert not torch.allclose(white_after, after, atol=1e-3)
     # the shared-products path of restore() agrees
     shared, loss = delivery_and_loss("lbyl", stats, KEPT, PRUNED, input_model="bn", activation="relu")
     assert torch.allclose(shared, after)
@@ -129,11 +133,11 @@ def test_restore_uses_the_post_activation_solve_on_a_one_channel_first_conv():
         model[1].bias.uniform_(-0.5, 0.5)
     x = torch.randn(1, 1, 8, 8)
     # 12 of 16 kept, 9 weights per filter: the kept filters span the input space
-    bn_model, report = lbyl.restore(model, x, 0.25)
-    white_model, _ = lbyl.restore(model, x, 0.25, input_model="white")
-    assert report.settings["input_model"] == "bn"
+    bn_model, report = lbyl.restore(model, x, 0.25, input_model="bn")
+    white_model, white = lbyl.restore(model, x, 0.25)
+    assert white.settings["input_model"] == "white" and report.settings["input_model"] == "bn"
     assert report.layers[0].channels_after == 12
-    assert report.layers[0].re > 1e-6  # white would rebuild the filters exactly (re ~ 0)
+    assert report.layers[0].re > 1e-6 and white.layers[0].re > 1e-6  # not the exact pre-ReLU rebuild (re ~ 0)
     with torch.no_grad():
         assert torch.isfinite(bn_model(x)).all()
         assert not torch.allclose(bn_model(x), white_model(x))
@@ -145,10 +149,10 @@ def test_report_says_where_each_layer_was_solved():
                           nn.Conv2d(16, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 4, 3, padding=1)).eval()  # fmt: skip
     x = torch.randn(1, 1, 8, 8)
-    _, report = lbyl.restore(model, x, 0.25)
-    assert [r.solve for r in report.layers] == ["after-relu", "bn"]  # 12 >= 9 weights; 6 < 144
+    _, report = lbyl.restore(model, x, 0.25)  # 12 >= 9 weights: after the ReLU; 6 < 144: not
     assert "lbyl (after ReLU)" in report.table()
-    _, white = lbyl.restore(model, x, 0.25, input_model="white")
-    assert [r.solve for r in white.layers] == ["white", "white"]
+    _, bn = lbyl.restore(model, x, 0.25, input_model="bn")
+    assert [r.solve for r in bn.layers] == ["after-relu", "bn"]
+    assert [r.solve for r in report.layers] == ["after-relu", "white"]
     _, nm = lbyl.restore(model, x, 0.25, method="nm")
     assert [r.solve for r in nm.layers] == ["", ""]

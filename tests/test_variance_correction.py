@@ -95,9 +95,9 @@ def test_restore_rescales_the_batchnorm_after_the_consumer():
     pruned = torch.tensor([i for i in range(8) if i not in report.layers[0].kept])
     from lbyl.delivery import delivery_matrix
 
-    delivery = delivery_matrix("lbyl", stats, kept, pruned, input_model="bn", activation="relu")
+    delivery = delivery_matrix("lbyl", stats, kept, pruned, input_model="white", activation="relu")
     expected = variance_ratio(channel_sums(model[3].weight, torch.arange(8)[:, None]), kept, pruned, delivery,
-                              preactivation_covariance(stats, "bn"))  # fmt: skip
+                              preactivation_covariance(stats, "white"))  # fmt: skip
     assert torch.allclose(on[4].running_var, off[4].running_var * expected)
     assert not torch.allclose(expected, torch.ones_like(expected))
     assert torch.equal(model[4].running_var, off[4].running_var)  # the caller's model is untouched
