@@ -39,7 +39,7 @@ VARIANTS = (
     ("lbyl-paper (1e-4, 1e-4) + correction", dict(method="lbyl-paper", lambda1=1e-4, lambda2=1e-4, bias_correction=True)),
     ("lbyl (defaults: both corrections)", dict(method="lbyl")),
     ("lbyl, no correction", dict(method="lbyl", input_model="white", variance_correction=False, bias_correction=False)),
-    ("lbyl, white inputs", dict(method="lbyl", input_model="white", variance_correction=False)),
+    ("lbyl, mean-shift correction only", dict(method="lbyl", input_model="white", variance_correction=False)),
     ("lbyl, lambda2 = auto (GCV)", dict(method="lbyl", input_model="white", variance_correction=False, lambda2="auto")),
     ("lbyl, lambda2 = 0.01", dict(method="lbyl", input_model="white", variance_correction=False, lambda2=0.01)),
     ("lbyl, lambda2 = 0.1", dict(method="lbyl", input_model="white", variance_correction=False, lambda2=0.1)),
