@@ -333,14 +333,10 @@ def calibrated_products(
     With ``Sigma = sigma2 I + W^T diag(alpha) W`` everything stays N x N:
     ``W' Sigma W'^T = sigma2 W' W'^T + (W' W^T) diag(alpha) (W W'^T)``.
     """
-    white = white if white is not None else filter_products(w, kept, pruned)
-    terms = _covariance_terms(stats)
-    if terms is None:
-        return white
-    sigma2, alpha, products = terms
-    mixed = bn_affine(stats)[0][:, None] * products  # W' W^T = diag(g) W W^T
-    extra = (mixed[kept] * alpha) @ mixed.T  # |K| x N
-    return sigma2 * white[0] + extra[:, kept], sigma2 * white[1] + extra[:, pruned]
+    covariance = _calibrated_covariance(stats, w)
+    if covariance is None:
+        return white if white is not None else filter_products(w, kept, pruned)
+    return covariance[kept][:, kept], covariance[kept][:, pruned]
 
 
 def preactivation_covariance(stats: ProducerStats, input_model: str = "bn") -> torch.Tensor:
@@ -357,7 +353,7 @@ def _calibrated_covariance(stats: ProducerStats, w: torch.Tensor) -> torch.Tenso
     if terms is None:
         return None
     sigma2, alpha, products = terms
-    mixed = bn_affine(stats)[0][:, None] * products
+    mixed = bn_affine(stats)[0][:, None] * products  # W' W^T = diag(g) W W^T
     return sigma2 * (w @ w.T) + (mixed * alpha) @ mixed.T
 
 

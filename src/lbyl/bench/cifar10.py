@@ -898,31 +898,33 @@ def _flip_rows(plan, found, defaults, kind: str, default_is_second: bool) -> lis
 def _input_model_section(plan, found, defaults) -> str:
     """``lbyl`` with the paper's white-input loss against the BN input model (criterion L2)."""
     default = defaults.get("input_model", "white")
-    body = _flip_rows(plan, found, defaults, "input-model", default_is_second=default == "bn")
-    if not body:
-        return ""
-    return (
-        "## Input model of `lbyl`: white inputs -> BN covariance (criterion L2)\n\n"
+    return _flip_section(
+        "Input model of `lbyl`: white inputs -> BN covariance",
         "Top-1 % of `lbyl` with `input_model=\"white\"` (the paper's loss: plain distance between filters) "
         "and with `input_model=\"bn\"` (the residual measured in the metric of the input covariance estimated "
-        f"from the BatchNorm variances, docs/method.md section 5b); the library default is `\"{default}\"`, "
-        "everything else at the defaults, all 10,000 images.\n\n"
-        + _table(["checkpoint", *(f"{r:g}" for r in RATIOS), "mean change"], body)
+        f"from the BatchNorm variances, docs/method.md section 5b); the library default is `\"{default}\"`",
+        _flip_rows(plan, found, defaults, "input-model", default_is_second=default == "bn"),
     )
 
 
 def _variance_section(plan, found, defaults) -> str:
     """``lbyl`` with and without the variance correction (criterion L2)."""
     on_by_default = _corrected("lbyl", defaults, "variance_correction")
-    body = _flip_rows(plan, found, defaults, "variance", default_is_second=on_by_default)
+    return _flip_section(
+        "Variance correction of `lbyl`: off -> on",
+        "Top-1 % of `lbyl` without and with `variance_correction` (the running variance of the BatchNorm after "
+        "each consumer rescaled by the predicted change of the consumer's output variance, docs/method.md "
+        f"section 5d); the library default is {'on' if on_by_default else 'off'}",
+        _flip_rows(plan, found, defaults, "variance", default_is_second=on_by_default),
+    )
+
+
+def _flip_section(heading: str, caption: str, body: list[list[str]]) -> str:
+    """A section of :func:`_flip_rows` (empty without rows)."""
     if not body:
         return ""
     return (
-        "## Variance correction of `lbyl`: off -> on (criterion L2)\n\n"
-        "Top-1 % of `lbyl` without and with `variance_correction` (the running variance of the BatchNorm after "
-        "each consumer rescaled by the predicted change of the consumer's output variance, docs/method.md "
-        f"section 5d); the library default is {'on' if on_by_default else 'off'}, everything else at the "
-        "defaults, all 10,000 images.\n\n"
+        f"## {heading} (criterion L2)\n\n{caption}, everything else at the defaults, all 10,000 images.\n\n"
         + _table(["checkpoint", *(f"{r:g}" for r in RATIOS), "mean change"], body)
     )
 
