@@ -1,13 +1,21 @@
-"""lbyl: data-free restoration of channel-pruned PyTorch networks."""
-from .api import restore, shrink
+"""lbyl: data-free restoration of channel-pruned PyTorch networks.
+
+``plan`` (which channels) -> ``restore`` (a method solves each layer, surgery applies it).
+"""
+from . import paper
+from .api import plan, restore, shrink
 from .criteria import CRITERIA, keep_count, select_channels
-from .delivery import METHODS, delivery_matrix, restoration_loss
+from .delivery import BatchNormStats, ProducerStats, restoration_loss
 from .graph import find_groups
 from .io import load_restored, save_restored
+from .methods import LBYL, METHODS, Method, NeuronMerging, Prune, Solution, as_method
+from .planning import Plan, PlannedLayer
 from .report import Report
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
-    "restore", "shrink", "find_groups", "delivery_matrix", "restoration_loss", "select_channels",
-    "keep_count", "Report", "save_restored", "load_restored", "METHODS", "CRITERIA", "__version__",
-]
+    "plan", "restore", "shrink", "Plan", "PlannedLayer", "Report",
+    "Method", "LBYL", "NeuronMerging", "Prune", "paper", "Solution", "as_method", "METHODS",
+    "ProducerStats", "BatchNormStats", "restoration_loss", "find_groups", "select_channels", "keep_count",
+    "CRITERIA", "save_restored", "load_restored", "__version__",
+]  # fmt: skip

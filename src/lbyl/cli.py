@@ -163,6 +163,9 @@ def _add_restore_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-model", choices=("white", "bn"), default="white",
                         help="LBYL only: covariance model of the BN outputs; white: the paper's plain filter "
                         "distance (default); bn: the input covariance estimated from the BatchNorm variances")  # fmt: skip
+    parser.add_argument("--nm-threshold", type=float, default=None, metavar="X",
+                        help="nm-paper only: merge a pruned channel only when its cosine similarity to the chosen "
+                        "kept one is at least X (the released LeNet script uses 0.45; default: merge all)")  # fmt: skip
     parser.add_argument("--layers", nargs="+", metavar="PATTERN",
                         help="prune only these layers (names or glob patterns such as 'layer1.*'), or 'all' for every "
                         "restorable layer; default: the papers' protocol (every restorable convolution of a CNN, "
@@ -176,7 +179,7 @@ def _add_restore_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lbyl`` command."""
     from .criteria import CRITERIA
-    from .delivery import METHODS
+    from .methods import METHODS
 
     parser = argparse.ArgumentParser(
         prog="lbyl",
@@ -328,18 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     # bench -------------------------------------------------------------------
-    from .bench import cifar10 as bench_cifar10
     from .bench import speed as bench_speed
 
-    kinds = bench_speed.register_cli(sub)
-    p = kinds.add_parser(
-        "cifar10",
-        formatter_class=_Formatter,
-        help="every method, ratio and criterion on the CIFAR-10 ResNet checkpoints",
-        description=bench_cifar10.__doc__.split("\n\n")[0],
-    )
-    bench_cifar10.add_arguments(p)
-    p.set_defaults(func=bench_cifar10.run)
+    bench_speed.register_cli(sub)
     return parser
 
 
@@ -424,12 +418,21 @@ def _layers(args):
     return "all" if args.layers == ["all"] else args.layers
 
 
-def _bias_correction(args) -> bool | None:
-    return {"auto": None, "on": True, "off": False}[args.bias_correction]
+def _method(name: str, args):
+    """The method object that ``--method name`` and the method flags describe."""
+    from . import methods, paper
 
-
-def _variance_correction(args) -> bool | None:
-    return {"auto": None, "on": True, "off": False}[args.variance_correction]
+    flags = {"auto": None, "on": True, "off": False}
+    corrections = {k: flags[v] for k, v in (("mean_correction", args.bias_correction),
+                                            ("variance_correction", args.variance_correction))}  # fmt: skip
+    corrections = {k: v for k, v in corrections.items() if v is not None}
+    if name == "lbyl":
+        return methods.LBYL(args.lambda1, args.lambda2, args.input_model, **corrections)
+    if name == "lbyl-paper":
+        return paper.LBYL(args.lambda1, args.lambda2, **corrections)
+    if name == "nm-paper":
+        return paper.NeuronMerging(args.nm_threshold, **corrections)
+    return type(methods.as_method(name))(**corrections)
 
 
 def cmd_restore(args) -> int:
@@ -438,12 +441,11 @@ def cmd_restore(args) -> int:
 
     model, kwargs = _load_model(args)
     inputs = _example_inputs(args.model, args.input_shape)
-    _status(f"restoring {args.model}: ratio {args.ratio:g}, method {args.method}, criterion {args.criterion} ...")
+    method = _method(args.method, args)
+    _status(f"restoring {args.model}: ratio {args.ratio:g}, {method!r}, criterion {args.criterion} ...")
     restored, report = restore(
-        model, inputs, args.ratio, method=args.method, criterion=args.criterion,
-        lambda1=args.lambda1, lambda2=args.lambda2, layers=_layers(args), seed=args.seed, order=args.order,
-        bias_correction=_bias_correction(args), input_model=args.input_model,
-        variance_correction=_variance_correction(args),
+        model, inputs, args.ratio, method, criterion=args.criterion, layers=_layers(args), seed=args.seed,
+        order=args.order,
     )  # fmt: skip
     print(report.table())
     out = save_restored(
@@ -500,10 +502,9 @@ def cmd_sweep(args) -> int:
     _status(f"sweep: {len(args.ratios) * len(args.methods) * len(args.criteria)} restorations, {len(labels):,} {data} images each")
     started = time.perf_counter()
     rows = run_sweep(
-        model, inputs, images, labels, args.ratios, args.methods, args.criteria, args.lambda1, args.lambda2,
+        model, inputs, images, labels, args.ratios, [_method(m, args) for m in args.methods], args.criteria,
         mean=mean, std=std, batch_size=args.batch_size, seed=args.seed, order=args.order,
-        layers=_layers(args), bias_correction=_bias_correction(args), input_model=args.input_model,
-        variance_correction=_variance_correction(args), model_name=args.model, weights_name=Path(args.weights).name,
+        layers=_layers(args), model_name=args.model, weights_name=Path(args.weights).name,
     )  # fmt: skip
     out = Path(args.out)
     title = f"{args.model} on {data} ({len(labels):,} test images)"

@@ -25,8 +25,10 @@ def keep_count(channels: int, ratio: float) -> int:
     return max(1, int(channels * (1 - exact)))
 
 
-def channel_scores(filters: torch.Tensor, criterion: str, seed: int = 0) -> torch.Tensor:
+def channel_scores(filters: torch.Tensor, criterion, seed: int = 0) -> torch.Tensor:
     """Importance of each row of ``filters`` (N x M); larger is kept first.
+
+    ``criterion`` is a name below or a callable ``(filters: Tensor[N, M]) -> scores[N]``.
 
     - ``l2``: Euclidean norm of the filter.
     - ``l1``: sum of absolute values.
@@ -35,6 +37,8 @@ def channel_scores(filters: torch.Tensor, criterion: str, seed: int = 0) -> torc
     - ``random``: a seeded random permutation.
     """
     filters = filters.reshape(filters.shape[0], -1).to(torch.float64)
+    if callable(criterion):
+        return _checked_scores(criterion, filters)
     if criterion == "l2":
         return filters.norm(dim=1)
     if criterion == "l1":
@@ -62,3 +66,35 @@ def select_channels(
     kept = order[:n_keep].sort().values
     pruned = order[n_keep:].sort().values
     return kept, pruned
+
+
+def criterion_name(criterion) -> str:
+    """The name a report records for ``criterion`` (a callable's own name)."""
+    if callable(criterion):
+        return getattr(criterion, "__name__", type(criterion).__name__)
+    return criterion
+
+
+def check_criterion(criterion):
+    if callable(criterion) or criterion in CRITERIA:
+        return criterion
+    raise ValueError(
+        f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)} or pass a callable "
+        "(filters: Tensor[N, M]) -> scores[N] (higher is kept)"
+    )
+
+
+def _checked_scores(criterion, filters: torch.Tensor) -> torch.Tensor:
+    scores = criterion(filters)
+    name = criterion_name(criterion)
+    if not isinstance(scores, torch.Tensor):
+        scores = torch.as_tensor(scores)
+    if tuple(scores.shape) != (filters.shape[0],):
+        raise ValueError(
+            f"criterion {name} returned scores of shape {tuple(scores.shape)} for {filters.shape[0]} filters; "
+            f"it must return one score per filter (row), shape ({filters.shape[0]},)"
+        )
+    scores = scores.detach().to(torch.float64)
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"criterion {name} returned NaN or infinite scores; return finite scores (higher is kept)")
+    return scores

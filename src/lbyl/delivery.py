@@ -10,15 +10,11 @@ each kept channel takes over, and every consumer is rewritten as
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-METHODS = ("prune", "nm", "nm-paper", "lbyl", "lbyl-paper")
-
 
 @dataclass(frozen=True)
 class BatchNormStats:
@@ -171,241 +167,33 @@ def nm_paper_delivery(
     return _one_per_column(match, factor, len(kept))
 
 
-def _solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve ``matrix @ X = rhs`` for symmetric PSD ``matrix``; one Cholesky, pseudo-inverse if singular."""
-    factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info.max()) == 0:
-        return torch.cholesky_solve(rhs, factor)
-    # singular (e.g. lambdas 0 and more kept filters than filter entries): minimum-norm solution
-    return torch.linalg.pinv(matrix, hermitian=True) @ rhs
+#: eigenvalues of the normal matrix below this fraction of the largest count as zero
+RCOND = 1e-10
 
 
-INPUT_MODELS = ("white", "bn")
+def solve_normal_equations(
+    matrix: torch.Tensor, rhs: torch.Tensor, rcond: float = RCOND
+) -> tuple[torch.Tensor, float]:
+    """Solve ``matrix @ X = rhs`` for symmetric PSD ``matrix`` by one eigendecomposition.
 
-
-def lbyl_delivery(
-    stats: ProducerStats,
-    kept: torch.Tensor,
-    pruned: torch.Tensor,
-    lambda1: float = 0.0,
-    lambda2: float = 0.0,
-    input_model: str = "white",
-    activation: str = "identity",
-) -> torch.Tensor:
-    """LBYL, exact closed form (method note, section 3).
-
-    Minimises, for every pruned ``j`` at once,
-    ``|w'_j - W'_K s|^2 + lambda1 (b_j - b_K . s)^2 + lambda2 |s|^2``::
-
-        A = W'_K W'_K^T + lambda1 b_K b_K^T + lambda2 I
-        S = A^{-1} (W'_K W'_P^T + lambda1 b_K b_P^T)
-
-    ``A`` is shared by all pruned channels: one factorisation per layer.
-    ``input_model="bn"`` measures the residual in the metric of the input
-    covariance estimated from the BatchNorm variances (:func:`calibrated_products`)
-    instead of the white-input metric above. If the kept filters span the whole
-    input space (:func:`spans_input_space`), a BN follows and ``activation`` is
-    ``"relu"``, ``S`` is solved after the activation instead, under the input
-    model's covariance (:func:`post_activation_products`).
+    Directions whose eigenvalue is at most ``rcond`` times the largest are
+    treated as null (minimum-norm solution there), so a nearly singular system
+    (lambdas 0 and two kept filters almost equal) has a bounded solution that
+    varies continuously up to the cut-off, instead of a blow-up before it.
+    Returns ``(X, condition number)``; the condition number is
+    ``largest / smallest eigenvalue`` (``inf`` when singular).
     """
-    w, b = scaled_filters(stats)
-    white = filter_products(w, kept, pruned)
-    return _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, white)
-
-
-def lbyl_solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_model: str, activation: str) -> str:
-    """Where LBYL measures a pruned channel's error for this layer.
-
-    ``"white"`` (the paper's filter distance), ``"bn"`` (the input covariance from
-    the BatchNorm variances) or ``"after-relu"`` (the ReLU outputs under the input
-    model's covariance, when the kept filters span the input space and a BN and a
-    ReLU follow). ``kept_filters`` are the kept BN-scaled filters.
-    """
-    if input_model not in INPUT_MODELS:
-        raise ValueError(f"unknown input_model {input_model!r}; choose one of {', '.join(INPUT_MODELS)}")
-    if stats.bn is None:
-        return "white"
-    if activation == "relu" and spans_input_space(kept_filters):
-        # every filter is rebuilt exactly before the ReLU: that loss is zero and cannot tell solutions
-        # apart, so the activation error alone decides
-        return "after-relu"
-    return input_model
-
-
-def _lbyl_solve(stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, white, covariance=None):
-    space = lbyl_solve_space(stats, w[kept], input_model, activation)
-    if space == "after-relu":
-        if covariance is None:
-            covariance = preactivation_covariance(stats, input_model)
-        solve = post_activation_products(stats, w, kept, pruned, covariance)
-    elif space == "bn" and covariance is not None:
-        solve = covariance[kept][:, kept], covariance[kept][:, pruned]
-    else:
-        solve = _products(stats, w, kept, pruned, space, white)
-    return _solve_spd(*lbyl_system(*solve, b, kept, pruned, lambda1, lambda2))
-
-
-def spans_input_space(filters: torch.Tensor) -> bool:
-    """Whether the rows of ``filters`` (K x M) span all of R^M, so that they rebuild any filter exactly."""
-    return filters.shape[0] >= filters.shape[1] and int(torch.linalg.matrix_rank(filters)) == filters.shape[1]
-
-
-def nonnegative_least_squares(matrix: torch.Tensor, target: torch.Tensor, iterations: int = 500) -> torch.Tensor:
-    """``argmin_{a >= 0} |matrix @ a - target|^2`` by accelerated projected gradient (FISTA).
-
-    A fixed number of steps of size ``1 / |matrix|_2^2``, from zero. The gradient
-    step ``x - step * matrix^T (matrix x - target)`` is precomputed as the affine
-    map ``(I - step matrix^T matrix) x + step matrix^T target``: one
-    matrix-vector product per step.
-    """
-    with _one_cpu_thread(matrix.device):
-        normal = matrix.T @ matrix
-        lipschitz = float(torch.linalg.eigvalsh(normal)[-1]) if normal.numel() else 0.0  # |matrix|_2^2
-        step = 1.0 / max(lipschitz, torch.finfo(torch.float64).tiny)
-        descent = torch.eye(normal.shape[0], dtype=torch.float64, device=matrix.device) - step * normal
-        shifted = step * (matrix.T @ target)
-        a = previous = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
-        for k in range(iterations):
-            momentum = k + 1
-            # Nesterov extrapolation a + (m - 1)/(m + 2) (a - previous), then a projected gradient step
-            look = torch.lerp(a, previous, -(momentum - 1) / (momentum + 2)) if momentum > 1 else a
-            previous, a = a, torch.addmv(shifted, descent, look).clamp_min_(0)
-    return a
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run small sequential CPU kernels on one thread: waking a thread pool for each
-    costs more than the work itself (ten times more with ``OMP_WAIT_POLICY=PASSIVE``)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def input_covariance(stats: ProducerStats) -> tuple[float, torch.Tensor] | None:
-    """The producer's input covariance, estimated from its BatchNorm's running variances.
-
-    BN records ``var_i = w_i^T Sigma w_i`` for every filter: the input covariance
-    ``Sigma`` along each filter direction. The estimate is
-    ``Sigma = sigma2 I + sum_i alpha_i w_i w_i^T`` with ``alpha >= 0`` fitted to
-    those variances (non-negative least squares), and ``sigma2 = min_i var_i / |w_i|^2``,
-    the largest isotropic part that no channel contradicts. Returns
-    ``(sigma2, alpha)``, or None without BN (nothing to estimate from).
-    """
-    terms = _covariance_terms(stats)
-    return None if terms is None else terms[:2]
-
-
-def _covariance_terms(stats: ProducerStats) -> tuple[float, torch.Tensor, torch.Tensor] | None:
-    """``(sigma2, alpha, W W^T)`` of :func:`input_covariance` (the Gram matrix is reused)."""
-    if stats.bn is None:
-        return None
-    filters = stats.filters.to(torch.float64)
-    products = filters @ filters.T
-    sq_norms = products.diagonal()
-    var = stats.bn.var.to(torch.float64).clamp_min(0)
-    live = sq_norms > 0
-    if not bool(live.any()):
-        return None
-    sigma2 = float((var[live] / sq_norms[live]).min())
-    excess = (var - sigma2 * sq_norms).clamp_min(0)
-    alpha = nonnegative_least_squares(products**2, excess)
-    return sigma2, alpha, products
-
-
-def calibrated_products(
-    stats: ProducerStats,
-    w: torch.Tensor,
-    kept: torch.Tensor,
-    pruned: torch.Tensor,
-    white: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W'_K Sigma W'_K^T`` and ``W'_K Sigma W'_P^T`` under :func:`input_covariance`
-    (the white-input products of :func:`filter_products`, or ``white`` if given, when
-    it gives none).
-
-    With ``Sigma = sigma2 I + W^T diag(alpha) W`` everything stays N x N:
-    ``W' Sigma W'^T = sigma2 W' W'^T + (W' W^T) diag(alpha) (W W'^T)``.
-    """
-    covariance = _calibrated_covariance(stats, w)
-    if covariance is None:
-        return white if white is not None else filter_products(w, kept, pruned)
-    return covariance[kept][:, kept], covariance[kept][:, pruned]
-
-
-def preactivation_covariance(stats: ProducerStats, input_model: str = "bn") -> torch.Tensor:
-    """``W' Sigma W'^T`` (N x N): the covariance of the BN outputs under the input model
-    (``"bn"``: :func:`input_covariance`; ``"white"``, or no BN: ``Sigma = I``)."""
-    w, _ = scaled_filters(stats)
-    covariance = _calibrated_covariance(stats, w) if input_model == "bn" else None
-    return covariance if covariance is not None else w @ w.T
-
-
-def _calibrated_covariance(stats: ProducerStats, w: torch.Tensor) -> torch.Tensor | None:
-    """``W' Sigma W'^T`` (N x N) under :func:`input_covariance` (None without an estimate)."""
-    terms = _covariance_terms(stats)
-    if terms is None:
-        return None
-    sigma2, alpha, products = terms
-    mixed = bn_affine(stats)[0][:, None] * products  # W' W^T = diag(g) W W^T
-    return sigma2 * (w @ w.T) + (mixed * alpha) @ mixed.T
-
-
-def relu_covariance(
-    mean: torch.Tensor, covariance: torch.Tensor, samples: int = 2**15, seed: int = 0, chunk: int = 4096
-) -> torch.Tensor:
-    """Covariance of ``relu(z)`` for ``z ~ N(mean, covariance)``, by seeded Monte Carlo.
-
-    Deterministic for a given ``seed`` (samples are drawn on the CPU); the
-    error of each entry shrinks as ``1 / sqrt(samples)``. Bivariate ReLU moments
-    with non-zero means have no elementary closed form, so they are sampled.
-    """
-    mean, covariance = mean.to(torch.float64), covariance.to(torch.float64)
-    n = mean.shape[0]
-    values, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
-    root = vectors * values.clamp_min(0).sqrt()
-    generator = torch.Generator().manual_seed(seed)
-    total = torch.zeros(n, dtype=torch.float64, device=mean.device)
-    second = torch.zeros(n, n, dtype=torch.float64, device=mean.device)
-    for start in range(0, samples, chunk):
-        noise = torch.randn(n, min(chunk, samples - start), generator=generator, dtype=torch.float64)
-        f = (mean[:, None] + root @ noise.to(mean.device)).clamp_min(0)
-        total += f.sum(dim=1)
-        second += f @ f.T
-    average = total / samples
-    return second / samples - torch.outer(average, average)
-
-
-def post_activation_products(
-    stats: ProducerStats, w: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor,
-    covariance: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Cov(f_K, f_K)`` and ``Cov(f_K, f_P)`` of the channels after ReLU, ``f = relu(z)``.
-
-    The BN outputs are modelled as Gaussian with means ``beta`` and covariance
-    ``W' Sigma W'^T`` (:func:`input_covariance`; white inputs without an estimate).
-    With these products LBYL's solve gives the ``S`` that best predicts ``f_P``
-    from ``f_K`` (means aside: the mean-shift correction restores them).
-    ``covariance``: that matrix if already computed (:func:`preactivation_covariance`).
-    """
-    if covariance is None:
-        covariance = preactivation_covariance(stats, "bn")
-    post = relu_covariance(stats.bn.beta.to(torch.float64), covariance)
-    return post[kept][:, kept], post[kept][:, pruned]
-
-
-def _products(stats, w, kept, pruned, input_model, white=None):
-    if input_model == "white":
-        return white if white is not None else filter_products(w, kept, pruned)
-    if input_model == "bn":
-        return calibrated_products(stats, w, kept, pruned, white)
-    raise ValueError(f"unknown input_model {input_model!r}; choose one of {', '.join(INPUT_MODELS)}")
+    if matrix.shape[0] == 0:
+        return rhs.new_zeros(rhs.shape), 1.0
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    top = float(values[-1])
+    if top <= 0:
+        return torch.zeros_like(rhs), float("inf")
+    kept = values > rcond * top
+    inverse = torch.where(kept, 1 / torch.where(kept, values, 1), 0)
+    solution = vectors @ (inverse[:, None] * (vectors.T @ rhs))
+    smallest = float(values[0])
+    return solution, (top / smallest if smallest > 0 else float("inf"))
 
 
 def filter_products(w: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,6 +215,40 @@ def lbyl_system(
     matrix = gram + lambda1 * torch.outer(b_kept, b_kept) + lambda2 * eye
     rhs = cross + lambda1 * torch.outer(b_kept, b_pruned)
     return matrix, rhs
+
+
+def lbyl_solve(
+    stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor, lambda1: float = 0.0, lambda2: float = 0.0,
+    covariance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    """LBYL, exact closed form (method note, section 3): ``(S, condition number of A)``.
+
+    Minimises, for every pruned ``j`` at once,
+    ``|w'_j - W'_K s|^2 + lambda1 (b_j - b_K . s)^2 + lambda2 |s|^2``::
+
+        A = W'_K W'_K^T + lambda1 b_K b_K^T + lambda2 I
+        S = A^{-1} (W'_K W'_P^T + lambda1 b_K b_P^T)
+
+    ``A`` is shared by all pruned channels: one factorisation per layer
+    (:func:`solve_normal_equations`). ``covariance`` (N x N) replaces the
+    white-input products ``W' W'^T`` by those of another metric, e.g. the
+    channels' covariance under an input model (:mod:`lbyl.covariance`).
+    """
+    if covariance is None:
+        w, b = scaled_filters(stats)
+        gram, cross = filter_products(w, kept, pruned)
+    else:
+        b = bn_affine(stats)[1]
+        gram, cross = covariance[kept][:, kept], covariance[kept][:, pruned]
+    return solve_normal_equations(*lbyl_system(gram, cross, b, kept, pruned, lambda1, lambda2))
+
+
+def lbyl_delivery(
+    stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor, lambda1: float = 0.0, lambda2: float = 0.0,
+    covariance: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The delivery matrix ``S`` of :func:`lbyl_solve`."""
+    return lbyl_solve(stats, kept, pruned, lambda1, lambda2, covariance)[0]
 
 
 def lbyl_paper_delivery(
@@ -468,7 +290,7 @@ def lbyl_paper_delivery(
         y = design[pruned].T
         x = x - x.mean(dim=0, keepdim=True)
         y = y - y.mean(dim=0, keepdim=True)
-        return _solve_spd(x.T @ x + lambda2 * eye, x.T @ y)
+        return solve_normal_equations(x.T @ x + lambda2 * eye, x.T @ y)[0]
 
     bn = stats.bn
     gamma, beta = bn.gamma.to(torch.float64), bn.beta.to(torch.float64)
@@ -548,32 +370,6 @@ def gcv_lambda2(
     return best
 
 
-def delivery_matrix(
-    method: str,
-    stats: ProducerStats,
-    kept: torch.Tensor,
-    pruned: torch.Tensor,
-    lambda1: float = 0.0,
-    lambda2: float = 0.0,
-    input_model: str = "white",
-    activation: str = "identity",
-) -> torch.Tensor:
-    """Dispatch to the delivery matrix of ``method`` (one of :data:`METHODS`).
-
-    ``input_model`` and ``activation`` apply to ``"lbyl"`` only (see :func:`lbyl_delivery`)."""
-    if method == "prune":
-        return prune_delivery(kept, pruned, device=stats.filters.device)
-    if method == "nm":
-        return nm_delivery(stats, kept, pruned)
-    if method == "nm-paper":
-        return nm_paper_delivery(stats, kept, pruned)
-    if method == "lbyl":
-        return lbyl_delivery(stats, kept, pruned, lambda1, lambda2, input_model, activation)
-    if method == "lbyl-paper":
-        return lbyl_paper_delivery(stats, kept, pruned, lambda1, lambda2)
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-
-
 def restoration_loss(
     stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor, delivery: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -611,37 +407,3 @@ def residual_from_products(
         residual = w[pruned[close]] - delivery[:, close].T @ w[kept]
         re[close] = (residual**2).sum(dim=1)
     return re
-
-
-def delivery_and_loss(
-    method: str,
-    stats: ProducerStats,
-    kept: torch.Tensor,
-    pruned: torch.Tensor,
-    lambda1: float = 0.0,
-    lambda2: float = 0.0,
-    input_model: str = "white",
-    activation: str = "identity",
-    covariance: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``delivery_matrix(...)`` and ``restoration_loss(...)`` of it, sharing the work.
-
-    For ``"lbyl"`` the Gram matrix and cross products of the solve also give the
-    residual error (:func:`residual_from_products`); other methods compute both
-    separately. ``covariance``: :func:`preactivation_covariance` of the input
-    model if the caller has it (it is not computed twice).
-    """
-    if method != "lbyl":
-        delivery = delivery_matrix(method, stats, kept, pruned, lambda1, lambda2)
-        return delivery, restoration_loss(stats, kept, pruned, delivery)
-    w, b = scaled_filters(stats)
-    gram, cross = filter_products(w, kept, pruned)  # the reported RE is the paper's white-input term
-    delivery = _lbyl_solve(
-        stats, w, b, kept, pruned, lambda1, lambda2, input_model, activation, (gram, cross), covariance
-    )
-    loss = {
-        "re": residual_from_products(w, gram, cross, kept, pruned, delivery),
-        "be": (b[pruned] - delivery.T @ b[kept]) ** 2,
-        "ae": (delivery**2).sum(dim=0),
-    }
-    return delivery, loss

@@ -24,6 +24,7 @@ class LayerRecord:
     kept: list[int] = field(default_factory=list)  # original indices of the kept channels
     lambda2: float = 0.0  # the coefficient penalty this layer used (chosen per layer with "auto")
     solve: str = ""  # lbyl only: where the error was measured ("white", "bn" or "after-relu")
+    condition: float | None = None  # lbyl only: condition number of the normal matrix it solved
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Report:
         return cls(**data)
 
     def table(self) -> str:
-        header = ("layer", "channels", "method", "RE", "BE", "AE", "seconds")
+        header = ("layer", "channels", "method", "RE", "BE", "AE", "cond", "seconds")
         rows = [
             (
                 r.name,
@@ -70,13 +71,12 @@ class Report:
                 f"{r.re:.4g}",
                 f"{r.be:.4g}",
                 f"{r.ae:.4g}",
+                f"{r.condition:.3g}" if r.condition is not None else "-",
                 f"{r.seconds:.3f}",
             )
             for r in self.layers
         ]
-        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-        out = [line(header), line("-" * w for w in widths), *map(line, rows)]
+        out = [format_table(header, rows)]
         if self.skipped:
             out.append("")
             out.append(f"skipped ({len(self.skipped)}):")
@@ -84,9 +84,9 @@ class Report:
         out.append("")
         out.append(
             f"parameters {self.params_before:,} -> {self.params_after:,} "
-            f"({_percent(self.params_after, self.params_before)}), "
+            f"({percent(self.params_after, self.params_before)}), "
             f"MACs {self.macs_before:,} -> {self.macs_after:,} "
-            f"({_percent(self.macs_after, self.macs_before)}), {self.seconds:.2f} s"
+            f"({percent(self.macs_after, self.macs_before)}), {self.seconds:.2f} s"
         )
         return "\n".join(out)
 
@@ -94,5 +94,12 @@ class Report:
         return self.table()
 
 
-def _percent(after: int, before: int) -> str:
+def format_table(header, rows) -> str:
+    """Left-aligned columns, a rule under the header."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line("-" * w for w in widths), *map(line, rows)])
+
+
+def percent(after: int, before: int) -> str:
     return f"{100.0 * after / before:.1f}%" if before else "n/a"

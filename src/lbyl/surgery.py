@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 from torch_pruning.pruner import function as tp_function
 
-from .graph import BATCHNORMS, Consumer
+from .correction import channel_sums, consumer_offset, variance_ratio
+from .graph import BATCHNORMS, Consumer, RestorableGroup
 
 
 def fold_into_consumer(
@@ -135,3 +136,37 @@ def remove_channels(out_channels: dict[nn.Module, set[int]], in_channels: dict[n
             _in_pruner(module)(module, sorted(idxs))
     for (module, name), flag in flags.items():
         getattr(module, name).requires_grad_(flag)
+
+
+def apply_solution(group: RestorableGroup, kept, pruned, solution, coverage: dict | None = None) -> None:
+    """Fold one layer's solution into its consumers: mean offsets, running variances, delivery.
+
+    The corrections read the consumer weights before the delivery edits them.
+    ``coverage``: tap coverage of padded convolutions (:func:`lbyl.correction.padded_conv_coverage`).
+    """
+    coverage = coverage or {}
+    device = solution.delivery.device
+    for consumer in group.consumers:
+        positions = consumer.positions.to(device)
+        if solution.mean_shift is not None:
+            offset = consumer_offset(consumer.module.weight, positions, pruned, solution.mean_shift,
+                                     coverage.get(consumer.module))  # fmt: skip
+            add_output_offset(consumer.module, offset, consumer.next_bn)
+        bn = consumer.next_bn
+        if solution.covariance is not None and bn is not None and bn.running_var is not None:
+            sums = channel_sums(consumer.module.weight, positions)
+            scale_running_variance(bn, variance_ratio(sums, kept, pruned, solution.delivery, solution.covariance))
+    apply_delivery(group.consumers, kept, pruned, solution.delivery)
+
+
+def removal_indices(pairs) -> tuple[dict, dict]:
+    """Output and input channels to remove, per module, for ``(group, pruned indices)`` pairs."""
+    out_channels, in_channels = {}, {}
+    for group, pruned in pairs:
+        pruned = torch.as_tensor(pruned, dtype=torch.long)
+        out_channels.setdefault(group.producer, set()).update(pruned.tolist())
+        if group.bn is not None:
+            out_channels.setdefault(group.bn, set()).update(pruned.tolist())
+        for consumer in group.consumers:
+            in_channels.setdefault(consumer.module, set()).update(consumer.positions[pruned].flatten().tolist())
+    return out_channels, in_channels

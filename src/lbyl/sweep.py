@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .api import restore
+from .methods import as_method
 from .data import evaluate
 
 __all__ = [
@@ -65,10 +66,8 @@ def run_sweep(
     images: torch.Tensor,
     labels: torch.Tensor,
     ratios: Sequence[float],
-    methods: Sequence[str] = ("prune", "nm", "lbyl"),
+    methods: Sequence = ("prune", "nm", "lbyl"),
     criteria: Sequence[str] = ("l2",),
-    lambda1: float = 0.0,
-    lambda2: float | str = 0.0,
     *,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -76,9 +75,6 @@ def run_sweep(
     seed: int = 0,
     order: str = "original",
     layers=None,
-    bias_correction: bool | None = None,
-    input_model: str = "white",
-    variance_correction: bool | None = None,
     model_name: str = "",
     weights_name: str = "",
     channels_last: bool = True,
@@ -88,9 +84,8 @@ def run_sweep(
     """Evaluate ``model`` unpruned, then restored at every (ratio, method, criterion).
 
     ``images`` are uint8 together with ``mean``/``std``, or model-ready floats.
-    ``lambda1``, ``lambda2``, ``seed``, ``order``, ``layers``,
-    ``bias_correction``, ``input_model`` and ``variance_correction`` go to
-    :func:`lbyl.restore` unchanged.
+    ``methods``: method objects or shortcut strings (:func:`lbyl.as_method`);
+    ``seed``, ``order`` and ``layers`` go to :func:`lbyl.restore` unchanged.
     Each row holds the accuracy (top-1 %), parameter and MAC counts, the
     restoration time and the summed RE/BE/AE losses of all layers. ``on_row``
     is called with each row as soon as it is ready (e.g. to print it).
@@ -99,8 +94,8 @@ def run_sweep(
     differ in the last bits from an evaluation in the default layout.
     """
     inputs = _inputs(example_inputs)
-    common = dict(model=model_name, weights=weights_name, lambda1=float(lambda1),
-                  lambda2=lambda2 if lambda2 == "auto" else float(lambda2))  # fmt: skip
+    methods = [as_method(m) for m in methods]
+    common = dict(model=model_name, weights=weights_name)
 
     def score(net: nn.Module) -> float:
         if channels_last:
@@ -112,7 +107,8 @@ def run_sweep(
     # the caller's model is scored on a copy: changing its memory layout would be a side effect
     baseline = dict(
         common, ratio=0.0, method=UNPRUNED, criterion="", accuracy=score(copy.deepcopy(model)),
-        params=int(params), macs=int(macs), restore_seconds=0.0, re=0.0, be=0.0, ae=0.0, bias_correction="",
+        params=int(params), macs=int(macs), restore_seconds=0.0, re=0.0, be=0.0, ae=0.0, lambda1="", lambda2="",
+        bias_correction="", input_model="",
     )  # fmt: skip
     rows = [baseline]
     if on_row is not None:
@@ -127,19 +123,16 @@ def run_sweep(
     try:
         for ratio, method, criterion in grid:
             if bar is not None:
-                bar.set_postfix_str(f"ratio {ratio:g} {method}/{criterion}")
+                bar.set_postfix_str(f"ratio {ratio:g} {method.name}/{criterion}")
             started = time.perf_counter()
             restored, report = restore(
-                model, inputs, float(ratio), method=method, criterion=criterion,
-                lambda1=lambda1, lambda2=lambda2, seed=seed, order=order, layers=layers,
-                bias_correction=bias_correction, input_model=input_model,
-                variance_correction=variance_correction,
-            )  # fmt: skip
+                model, inputs, float(ratio), method, criterion=criterion, seed=seed, order=order, layers=layers
+            )
             seconds = time.perf_counter() - started
             row = dict(
                 common,
                 ratio=float(ratio),
-                method=method,
+                method=method.name,
                 criterion=criterion,
                 accuracy=score(restored),
                 params=report.params_after,
@@ -148,8 +141,7 @@ def run_sweep(
                 re=sum(layer.re for layer in report.layers),
                 be=sum(layer.be for layer in report.layers),
                 ae=sum(layer.ae for layer in report.layers),
-                bias_correction=bool(report.settings.get("bias_correction", False)),
-                input_model=input_model if method == "lbyl" else "",
+                **_method_columns(method),
             )
             rows.append(row)
             if on_row is not None:
@@ -160,6 +152,18 @@ def run_sweep(
         if bar is not None:
             bar.close()
     return rows
+
+
+def _method_columns(method) -> dict:
+    """The CSV columns that describe a method's options (empty where it has none)."""
+    settings = method.settings()
+    lambda2 = settings.get("lambda2", "")
+    return dict(
+        lambda1=float(settings["lambda1"]) if "lambda1" in settings else "",
+        lambda2=lambda2 if lambda2 in ("", "auto") else float(lambda2),
+        bias_correction=bool(settings["mean_correction"]),
+        input_model=settings.get("input_model", ""),
+    )
 
 
 def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:

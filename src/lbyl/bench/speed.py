@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..api import default_layers, producer_stats, restore
+from ..api import restore
+from ..planning import default_layers, producer_stats
 from ..criteria import select_channels
 from ..delivery import lbyl_delivery
 from ..graph import find_groups

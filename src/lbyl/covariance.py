@@ -1,0 +1,144 @@
+"""Data-free second moments of a producer's channels.
+
+Pure functions on float64 tensors. The BN output of channel ``i`` is
+``z_i = g_i (w_i . x) + b_i`` (:func:`lbyl.delivery.bn_affine`); with an input
+covariance ``Sigma`` its covariance is ``W' Sigma W'^T``. Two input models give
+``Sigma`` without data: ``"white"`` (``Sigma = I``, the paper's loss) and
+``"bn"`` (fitted to the BatchNorm's running variances, :func:`input_covariance`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .delivery import ProducerStats, bn_affine, scaled_filters
+
+INPUT_MODELS = ("white", "bn")
+
+
+def spans_input_space(filters: torch.Tensor) -> bool:
+    """Whether the rows of ``filters`` (K x M) span all of R^M, so that they rebuild any filter exactly."""
+    return filters.shape[0] >= filters.shape[1] and int(torch.linalg.matrix_rank(filters)) == filters.shape[1]
+
+
+def nonnegative_least_squares(matrix: torch.Tensor, target: torch.Tensor, iterations: int = 500) -> torch.Tensor:
+    """``argmin_{a >= 0} |matrix @ a - target|^2`` by accelerated projected gradient (FISTA).
+
+    A fixed number of steps of size ``1 / |matrix|_2^2``, from zero. The gradient
+    step ``x - step * matrix^T (matrix x - target)`` is precomputed as the affine
+    map ``(I - step matrix^T matrix) x + step matrix^T target``: one
+    matrix-vector product per step.
+    """
+    normal = matrix.T @ matrix
+    lipschitz = float(torch.linalg.eigvalsh(normal)[-1]) if normal.numel() else 0.0  # |matrix|_2^2
+    step = 1.0 / max(lipschitz, torch.finfo(torch.float64).tiny)
+    descent = torch.eye(normal.shape[0], dtype=torch.float64, device=matrix.device) - step * normal
+    shifted = step * (matrix.T @ target)
+    a = previous = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
+    for k in range(iterations):
+        momentum = k + 1
+        # Nesterov extrapolation a + (m - 1)/(m + 2) (a - previous), then a projected gradient step
+        look = torch.lerp(a, previous, -(momentum - 1) / (momentum + 2)) if momentum > 1 else a
+        previous, a = a, torch.addmv(shifted, descent, look).clamp_min_(0)
+    return a
+
+
+def input_covariance(stats: ProducerStats) -> tuple[float, torch.Tensor] | None:
+    """The producer's input covariance, estimated from its BatchNorm's running variances.
+
+    BN records ``var_i = w_i^T Sigma w_i`` for every filter: the input covariance
+    ``Sigma`` along each filter direction. The estimate is
+    ``Sigma = sigma2 I + sum_i alpha_i w_i w_i^T`` with ``alpha >= 0`` fitted to
+    those variances (non-negative least squares), and ``sigma2 = min_i var_i / |w_i|^2``,
+    the largest isotropic part that no channel contradicts. Returns
+    ``(sigma2, alpha)``, or None without BN (nothing to estimate from).
+    """
+    terms = _covariance_terms(stats)
+    return None if terms is None else terms[:2]
+
+
+def _covariance_terms(stats: ProducerStats) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+    """``(sigma2, alpha, W W^T)`` of :func:`input_covariance` (the Gram matrix is reused)."""
+    if stats.bn is None:
+        return None
+    filters = stats.filters.to(torch.float64)
+    products = filters @ filters.T
+    sq_norms = products.diagonal()
+    var = stats.bn.var.to(torch.float64).clamp_min(0)
+    live = sq_norms > 0
+    if not bool(live.any()):
+        return None
+    sigma2 = float((var[live] / sq_norms[live]).min())
+    excess = (var - sigma2 * sq_norms).clamp_min(0)
+    alpha = nonnegative_least_squares(products**2, excess)
+    return sigma2, alpha, products
+
+
+def preactivation_covariance(stats: ProducerStats, input_model: str = "bn") -> torch.Tensor:
+    """``W' Sigma W'^T`` (N x N): the covariance of the BN outputs under the input model.
+
+    ``"bn"``: ``Sigma`` from :func:`input_covariance`, kept in N x N form as
+    ``sigma2 W' W'^T + (W' W^T) diag(alpha) (W W'^T)``; ``"white"``, or no BN: ``Sigma = I``.
+    """
+    if input_model not in INPUT_MODELS:
+        raise ValueError(f"unknown input_model {input_model!r}; choose one of {', '.join(INPUT_MODELS)}")
+    w, _ = scaled_filters(stats)
+    terms = _covariance_terms(stats) if input_model == "bn" else None
+    if terms is None:
+        return w @ w.T
+    sigma2, alpha, products = terms
+    mixed = bn_affine(stats)[0][:, None] * products  # W' W^T = diag(g) W W^T
+    return sigma2 * (w @ w.T) + (mixed * alpha) @ mixed.T
+
+
+def relu_covariance(
+    mean: torch.Tensor, covariance: torch.Tensor, samples: int = 2**15, seed: int = 0, chunk: int = 4096
+) -> torch.Tensor:
+    """Covariance of ``relu(z)`` for ``z ~ N(mean, covariance)``, by seeded Monte Carlo.
+
+    Deterministic for a given ``seed`` (samples are drawn on the CPU); the
+    error of each entry shrinks as ``1 / sqrt(samples)``. Bivariate ReLU moments
+    with non-zero means have no elementary closed form, so they are sampled.
+    """
+    mean, covariance = mean.to(torch.float64), covariance.to(torch.float64)
+    n = mean.shape[0]
+    values, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
+    root = vectors * values.clamp_min(0).sqrt()
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros(n, dtype=torch.float64, device=mean.device)
+    second = torch.zeros(n, n, dtype=torch.float64, device=mean.device)
+    for start in range(0, samples, chunk):
+        noise = torch.randn(n, min(chunk, samples - start), generator=generator, dtype=torch.float64)
+        f = (mean[:, None] + root @ noise.to(mean.device)).clamp_min(0)
+        total += f.sum(dim=1)
+        second += f @ f.T
+    average = total / samples
+    return second / samples - torch.outer(average, average)
+
+
+def solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_model: str, activation: str) -> str:
+    """Where LBYL measures a pruned channel's error for this layer.
+
+    ``"white"`` (the paper's filter distance), ``"bn"`` (the input covariance from
+    the BatchNorm variances) or ``"after-relu"`` (the ReLU outputs under the input
+    model's covariance, when the kept filters span the input space and a BN and a
+    ReLU follow: every filter is then rebuilt exactly before the ReLU, that loss is
+    zero and cannot tell solutions apart, so the activation error alone decides).
+    ``kept_filters`` are the kept BN-scaled filters.
+    """
+    if stats.bn is None:
+        return "white"
+    if activation == "relu" and spans_input_space(kept_filters):
+        return "after-relu"
+    return input_model
+
+
+def channel_covariance(stats: ProducerStats, input_model: str, space: str) -> torch.Tensor:
+    """Covariance of the channels a consumer reads, in the space LBYL was solved in (N x N).
+
+    ``space="after-relu"``: of the ReLU outputs, ``z`` Gaussian with means ``beta``
+    and the input model's covariance; otherwise of the BN outputs themselves.
+    """
+    covariance = preactivation_covariance(stats, input_model)
+    if space == "after-relu":
+        return relu_covariance(stats.bn.beta.to(torch.float64), covariance)
+    return covariance

@@ -1,0 +1,262 @@
+"""Plans: which channels of which layer stay, decided before anything is edited.
+
+A :class:`Plan` is plain data: it prints as a table, serialises to JSON, can
+be edited (:meth:`Plan.keep`) and is accepted by :func:`lbyl.restore` in
+place of a ratio.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .criteria import select_channels
+from .delivery import BatchNormStats, ProducerStats
+from .graph import RestorableGroup, SkippedLayer
+from .report import SkippedRecord, format_table, percent
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class PlannedLayer:
+    """One producer to prune: its channels, those it keeps (original indices) and who reads them."""
+
+    name: str
+    channels: int
+    kept: list[int]
+    consumers: list[str] = field(default_factory=list)
+    bn: str | None = None
+    activation: str = "identity"
+    ratio: float | None = None  # None: the channels were chosen explicitly
+
+    @property
+    def pruned(self) -> list[int]:
+        keep = set(self.kept)
+        return [c for c in range(self.channels) if c not in keep]
+
+
+@dataclass
+class Plan:
+    """The layers to prune and their kept channels, the skipped layers and the predicted size."""
+
+    layers: list[PlannedLayer]
+    skipped: list[SkippedRecord] = field(default_factory=list)
+    restorable: list[str] = field(default_factory=list)
+    criterion: str = "l2"
+    seed: int = 0
+    params_before: int | None = None
+    params_after: int | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+
+    @property
+    def kept(self) -> dict[str, list[int]]:
+        return {layer.name: list(layer.kept) for layer in self.layers}
+
+    def layer(self, name: str) -> PlannedLayer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"{name!r} is not in this plan; planned layers: {', '.join(self.kept) or 'none'}")
+
+    def keep(self, name: str, channels) -> "Plan":
+        """Keep exactly ``channels`` (original indices) of layer ``name``; returns the plan.
+
+        The predicted size after the edit is unknown until the plan is made
+        again (``lbyl.plan(model, inputs, kept=plan.kept)``).
+        """
+        layer = self.layer(name)
+        layer.kept = check_kept(name, channels, layer.channels)
+        layer.ratio = None
+        self.params_after = self.macs_after = None
+        return self
+
+    def table(self) -> str:
+        header = ("layer", "channels", "consumers")
+        rows = [(x.name, f"{x.channels} -> {len(x.kept)}", ", ".join(x.consumers)) for x in self.layers]
+        out = [format_table(header, rows)]
+        if self.skipped:
+            out += ["", f"skipped ({len(self.skipped)}):", *(f"  {s.name}: {s.reason}" for s in self.skipped)]
+        out.append("")
+        if self.params_after is None or self.macs_after is None:
+            out.append("predicted size: unknown after an edit (make the plan again with kept=plan.kept)")
+        else:
+            out.append(
+                f"predicted: parameters {self.params_before:,} -> {self.params_after:,} "
+                f"({percent(self.params_after, self.params_before)}), MACs {self.macs_before:,} -> "
+                f"{self.macs_after:,} ({percent(self.macs_after, self.macs_before)})"
+            )
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict:
+        return {"version": PLAN_VERSION, **asdict(self)}
+
+    def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Plan":
+        data = dict(data)
+        version = data.pop("version", PLAN_VERSION)
+        if version != PLAN_VERSION:
+            raise ValueError(f"plan version {version} is not supported (this lbyl reads version {PLAN_VERSION})")
+        data["layers"] = [PlannedLayer(**row) for row in data["layers"]]
+        data["skipped"] = [SkippedRecord(**row) for row in data.get("skipped", [])]
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> "Plan":
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(path_or_text).read_text()
+        return cls.from_dict(json.loads(text))
+
+
+def check_kept(name: str, channels, total: int) -> list[int]:
+    """Sorted, distinct, in-range channel indices, at least one."""
+    if isinstance(channels, torch.Tensor):
+        channels = channels.tolist()
+    try:
+        values = [int(c) for c in channels]
+    except (TypeError, ValueError):
+        raise TypeError(f"kept channels of {name!r} must be a list of ints, got {channels!r}") from None
+    if any(isinstance(c, bool) or (isinstance(c, float) and not c.is_integer()) for c in channels):
+        raise TypeError(f"kept channels of {name!r} must be ints, got {channels!r}")
+    bad = [c for c in values if not 0 <= c < total]
+    if bad or not values or len(set(values)) != len(values):
+        why = f"indices {bad[:5]} out of range" if bad else ("none kept" if not values else "repeated indices")
+        raise ValueError(
+            f"kept channels of {name!r} are invalid ({why}): pass distinct indices in [0, {total}), at least one"
+        )
+    return sorted(values)
+
+
+def producer_stats(group: RestorableGroup, dropped_inputs=()) -> ProducerStats:
+    """Read a group's producer weights and BN statistics as float64 copies.
+
+    ``dropped_inputs`` removes input columns (sequential order: inputs already
+    pruned upstream no longer exist). Copies, never views: the module may be
+    edited in place after this snapshot is taken.
+    """
+    weight = group.producer.weight.detach().to(torch.float64, copy=True)
+    if len(dropped_inputs):
+        keep = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+        keep[list(dropped_inputs)] = False
+        weight = weight[:, keep]
+    bias = group.producer.bias
+    return ProducerStats(
+        filters=weight.reshape(weight.shape[0], -1),
+        bias=bias.detach().to(torch.float64, copy=True) if bias is not None else None,
+        bn=_bn_stats(group.bn, weight.shape[0], weight.device) if group.bn is not None else None,
+    )
+
+
+def _bn_stats(m: nn.Module, n: int, device) -> BatchNormStats:
+    def read(tensor, fill):
+        if tensor is None:
+            return torch.full((n,), fill, dtype=torch.float64, device=device)
+        return tensor.detach().to(torch.float64, copy=True)
+
+    return BatchNormStats(read(m.weight, 1.0), read(m.bias, 0.0), read(m.running_mean, 0.0),
+                          read(m.running_var, 1.0), float(m.eps))  # fmt: skip
+
+
+def ranking_filters(stats: ProducerStats) -> torch.Tensor:
+    """What a criterion ranks: the filter, with its bias appended when no BatchNorm follows.
+
+    Without BN the bias is the weight of a constant input and part of the neuron
+    (the released LBYL code ranks LeNet's neurons this way); a BN absorbs it.
+    """
+    if stats.bn is None and stats.bias is not None:
+        return torch.cat([stats.filters, stats.bias[:, None].to(stats.filters.dtype)], dim=1)
+    return stats.filters
+
+
+def default_layers(groups: list[RestorableGroup]) -> list[RestorableGroup]:
+    """The paper's protocol as a generic rule: a network with restorable convolutions prunes
+    those (its Linear head stays whole); a network without (an MLP) prunes its hidden Linear layers."""
+    convs = [g for g in groups if not isinstance(g.producer, nn.Linear)]
+    return convs or list(groups)
+
+
+def select_groups(groups, skipped: list[SkippedLayer], layers) -> list[RestorableGroup]:
+    """The groups named by ``layers`` (names or glob patterns, ``"all"``, None: :func:`default_layers`)."""
+    if layers is None:
+        return default_layers(groups)
+    if layers == "all":
+        return list(groups)
+    chosen = []
+    for pattern in [layers] if isinstance(layers, str) else list(layers):
+        hits = [g for g in groups if fnmatch.fnmatchcase(g.name, pattern)]
+        if not hits:
+            reasons = [s for s in skipped if fnmatch.fnmatchcase(s.name, pattern)]
+            why = f" ({reasons[0].name} is skipped: {reasons[0].reason})" if reasons else ""
+            available = ", ".join(g.name for g in groups) or "none"
+            raise ValueError(f"layer {pattern!r} is not a restorable layer{why}; restorable layers: {available}")
+        chosen.extend(h for h in hits if h not in chosen)
+    return [g for g in groups if g in chosen]
+
+
+def plan_layers(groups, skipped, ratio=None, kept=None, criterion="l2", layers=None, seed=0) -> list[PlannedLayer]:
+    """The planned layers, in module order, from a ratio (float or mapping) or explicit ``kept`` channels."""
+    if kept is not None:
+        by_name = {g.name: g for g in groups}
+        for name in kept:
+            select_groups(groups, skipped, name)  # a clear error for a name that is not restorable
+        chosen = [g for g in groups if g.name in kept]
+        missing = [n for n in kept if n not in by_name]
+        if missing:
+            raise ValueError(f"kept names {missing[0]!r}, which is not a restorable layer (use its exact name)")
+        return [_planned(g, check_kept(g.name, kept[g.name], g.channels), None) for g in chosen]
+    if isinstance(ratio, Mapping):
+        chosen = select_groups(groups, skipped, list(ratio))
+        ratios = {g.name: next(v for k, v in ratio.items() if fnmatch.fnmatchcase(g.name, k)) for g in chosen}
+    else:
+        chosen = select_groups(groups, skipped, layers)
+        ratios = {g.name: ratio for g in chosen}
+    planned = []
+    for group in chosen:
+        filters = ranking_filters(producer_stats(group))
+        keep, _ = select_channels(filters, ratios[group.name], criterion, seed)
+        planned.append(_planned(group, keep.tolist(), float(ratios[group.name])))
+    return planned
+
+
+def _planned(group: RestorableGroup, kept: list[int], ratio: float | None) -> PlannedLayer:
+    return PlannedLayer(group.name, group.channels, kept, [c.name for c in group.consumers], group.bn_name,
+                        group.activation, ratio)  # fmt: skip
+
+
+def match_plan(groups, layers: list[PlannedLayer]) -> list[tuple[RestorableGroup, PlannedLayer]]:
+    """Pair each planned layer with this model's group of that name; errors name the mismatch."""
+    by_name = {g.name: g for g in groups}
+    pairs = []
+    for layer in layers:
+        group = by_name.get(layer.name)
+        if group is None:
+            raise ValueError(
+                f"the plan names layer {layer.name!r}, which is not a restorable layer of this model "
+                f"(restorable layers: {', '.join(by_name) or 'none'}); the plan was made for another "
+                "architecture: make a new plan for this model"
+            )
+        if group.channels != layer.channels:
+            raise ValueError(
+                f"the plan says {layer.name!r} has {layer.channels} channels, the model has {group.channels}: "
+                "the plan was made for another model; make a new plan for this one"
+            )
+        check_kept(layer.name, layer.kept, group.channels)
+        pairs.append((group, layer))
+    order = {g.name: i for i, g in enumerate(groups)}
+    return sorted(pairs, key=lambda pair: order[pair[0].name])
