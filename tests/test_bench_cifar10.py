@@ -1,10 +1,13 @@
-"""Smoke configuration of the CIFAR-10 ResNet benchmark (real checkpoint, real test images)."""
+"""Smoke configuration of the CIFAR-10 ResNet benchmark (benchmarks/cifar10_resnets.py: real
+checkpoint, real test images) and its keys; docs/benchmarks.md against the tracked results."""
 import os
 from pathlib import Path
 
 import pytest
 
-from lbyl.bench import cifar10 as bench
+import lbyl
+from benchmarks import cifar10_resnets as bench
+from benchmarks.cifar10_plan import fmt
 from lbyl.data import assets_root
 
 
@@ -57,7 +60,7 @@ def test_sanity(smoke):
         params = [base["params"], *(r["params"] for ratio, r in by_ratio if ratio > 0)]
         assert all(a > b for a, b in zip(params, params[1:])), f"{method}: parameters must shrink with the ratio"
     lbyl = next(r for r in rows if r["method"] == "lbyl-paper")
-    assert (lbyl["lambda1"], lbyl["lambda2"]) == tuple(bench._fmt(x) for x in bench.PAPER_LAMBDAS)
+    assert (lbyl["lambda1"], lbyl["lambda2"]) == tuple(fmt(x) for x in bench.PAPER_LAMBDAS)
 
 
 def test_resume_skips_finished_runs(smoke, capsys):
@@ -71,14 +74,42 @@ def test_keys_follow_the_library_defaults():
     plan = bench.build_plan("full")
     run = next(r for r in plan if r.method == "lbyl")
     assert run.lambda1 is None and run.lambda2 is None  # the benchmark passes nothing: it follows the defaults
-    a = run.key({"lambda1": 0.0, "lambda2": 0.0, "bias_correction": True})
-    b = run.key({"lambda1": 1.0, "lambda2": "auto", "bias_correction": True})
+    assert run.method_object() == lbyl.LBYL()
+    defaults = bench.method_defaults()
+    assert defaults["lbyl"] == lbyl.LBYL().settings()
+    a = run.key({**defaults, "lbyl": dict(defaults["lbyl"], lambda1=0.0, lambda2=0.0)})
+    b = run.key({**defaults, "lbyl": dict(defaults["lbyl"], lambda1=1.0, lambda2="auto")})
     assert a != b and "l2=auto" in b
     prune = next(r for r in plan if r.method == "prune")
-    assert prune.key({"lambda2": 0.0, "bias_correction": True}) == prune.key({"lambda2": 1.0, "bias_correction": True})
-    defaults = bench.restore_defaults()
+    assert prune.key({"prune": {"lambda2": 0.0}}) == prune.key({"prune": {"lambda2": 1.0}})
     assert len({r.key(defaults) for r in plan}) == len(plan)
     assert len([r for r in plan if r.kind == "main"]) == 5 * 7 * 5 + 3 * 7 * 5
+
+
+def test_runs_are_method_objects():
+    plan = bench.build_plan("full", oracle=True)
+    paper = next(r for r in plan if r.method == "lbyl-paper" and r.kind == "main")
+    assert paper.method_object() == lbyl.paper.LBYL(*bench.PAPER_LAMBDAS)
+    flipped = next(r for r in plan if r.kind == "ablation" and r.method == "nm")
+    assert flipped.method_object() == lbyl.NeuronMerging(mean_correction=True)
+    assert "|bc=true|" in flipped.key(bench.method_defaults())
+    model = next(r for r in plan if r.kind == "input-model")
+    assert model.method_object() == lbyl.LBYL(input_model="bn")
+    assert next(r for r in plan if r.method == "nm-paper").method_object() == lbyl.as_method("nm-paper")
+    with pytest.raises(ValueError, match="no option"):
+        bench.Run("resnet20", "main", 0.5, "prune", "l2", lambda1=1.0).method_object()
+
+
+def test_tracked_results_are_recognised():
+    """Every planned run of the tracked CSV keeps its key under the method objects' defaults:
+    regenerating the report or resuming the benchmark recomputes nothing."""
+    results = Path(__file__).resolve().parents[1] / bench.DEFAULT_OUT / "results.csv"
+    if not results.is_file():
+        pytest.skip(f"no tracked benchmark results in {results}")
+    found = {row["key"] for row in bench.read_rows(results)}
+    defaults = bench.method_defaults()
+    missing = [r for r in bench.build_plan("full", oracle=True) if r.key(defaults) not in found]
+    assert not missing, f"{len(missing)} planned runs not in {results}, e.g. {missing[0].key(defaults)}"
 
 
 def test_docs_tables_match_the_tracked_results(tmp_path):
@@ -88,7 +119,7 @@ def test_docs_tables_match_the_tracked_results(tmp_path):
     if not (results / "results.csv").is_file():
         pytest.skip(f"no tracked benchmark results in {results}")
     plan = bench.build_plan("full", oracle=True)
-    defaults = bench.restore_defaults()
+    defaults = bench.method_defaults()
     rows = bench.read_rows(results / "results.csv")
     sections, _, _ = bench.report_sections(plan, rows, bench.read_layers(results / "layers.jsonl"), defaults, tmp_path)
     text = doc.read_text()
@@ -97,5 +128,5 @@ def test_docs_tables_match_the_tracked_results(tmp_path):
     stale = [line for line in table_lines if line not in text]
     assert not stale, (
         f"{len(stale)} table lines of docs/benchmarks.md differ from {results}/results.csv, e.g. {stale[0]!r}; "
-        "regenerate it: python -m lbyl.bench.cifar10 --report-only --oracle --doc docs/benchmarks.md"
+        "regenerate it: python -m benchmarks.cifar10_resnets --report-only --oracle --doc docs/benchmarks.md"
     )

@@ -1,4 +1,5 @@
-"""The published LeNet-300-100 / FashionMNIST table is reproduced (method note, section 5).
+"""The published LeNet-300-100 / FashionMNIST table is reproduced (method note, section 5) by
+benchmarks/reproduce_lenet.py, every cell through ``lbyl.restore`` with a method object.
 
 Needs the authors' checkpoint under the shared assets root ($LBYL_ASSETS, default
 ../shared/assets) and the FashionMNIST test set (Debian package
@@ -12,7 +13,10 @@ import os
 import pytest
 import torch
 
-from lbyl import reproduce
+import lbyl
+from benchmarks import reproduce_lenet as reproduce
+from lbyl.data import evaluate
+from lbyl.delivery import ProducerStats, gcv_lambda2, lbyl_paper_delivery, nm_delivery, nm_paper_delivery
 
 TOLERANCE = 0.15  # points of top-1 accuracy
 
@@ -46,13 +50,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _accuracy(setup, method: str, ratio: float) -> float:
-    state, _ = reproduce.prune_lenet(setup.state, ratio, reproduce.lenet_deliveries()[method])
-    return reproduce.lenet_accuracy(state, setup.images, setup.labels)
-
-
 def test_unpruned_accuracy(setup, one_thread):
-    accuracy = reproduce.lenet_accuracy(setup.state, setup.images, setup.labels)
+    accuracy = evaluate(setup.model, setup.images, setup.labels, batch_size=2000)
     assert accuracy == pytest.approx(reproduce.LENET_UNPRUNED, abs=0.005)
 
 
@@ -60,21 +59,56 @@ def test_unpruned_accuracy(setup, one_thread):
 @pytest.mark.parametrize("method, column", [("lbyl-paper", "lbyl"), ("prune", "prune")])
 def test_published_cell(setup, one_thread, method, column, ratio):
     published = reproduce.LENET_PUBLISHED[ratio][column]
-    ours = _accuracy(setup, method, ratio)
+    ours, _ = reproduce.restored_accuracy(setup, ratio, reproduce.table_method(method, ratio))
     assert abs(ours - published) <= TOLERANCE, f"{method} at {ratio:.0%}: {ours:.2f}, published {published:.2f}"
 
 
+@pytest.mark.parametrize("ratio", [0.6, 0.7, 0.8])
+def test_published_nm_cell_with_the_released_threshold(setup, one_thread, ratio):
+    method = reproduce.table_method("nm-paper", ratio)
+    assert method == lbyl.paper.NeuronMerging(threshold=reproduce.NM_PAPER_THRESHOLD)
+    ours, _ = reproduce.restored_accuracy(setup, ratio, method)
+    published = reproduce.LENET_PUBLISHED[ratio]["nm"]
+    assert abs(ours - published) <= TOLERANCE, f"nm-paper at {ratio:.0%}: {ours:.2f}, published {published:.2f}"
+
+
 def test_80_percent_row_keeps_60_and_20(setup):
-    _, info = reproduce.prune_lenet(setup.state, 0.8, reproduce.lenet_deliveries()["prune"])
-    assert (len(info["ip1"]["kept"]), len(info["ip2"]["kept"])) == (60, 20)
+    _, report = reproduce.restored_accuracy(setup, 0.8, "prune")
+    assert [(layer.name, layer.channels_after) for layer in report.layers] == [("ip1", 60), ("ip2", 20)]
+    kept = reproduce.float_keep(setup.model, 0.8)  # the float product truncated: the variant's 59/19
+    assert (len(kept["ip1"]), len(kept["ip2"])) == (59, 19)
+    assert set(kept["ip1"]) < set(report.layers[0].kept)  # the same ranking, one neuron fewer
+
+
+def test_merge_counter_counts_the_merged_neurons(setup):
+    counter = reproduce.MergeCounter(reproduce.NM_PAPER_THRESHOLD)
+    reproduce.restored_accuracy(setup, 0.5, counter)
+    assert 0 < counter.merged < 150 + 50  # the threshold leaves some of the 200 pruned neurons unmerged
 
 
 # --- asset-free checks of the pieces the reproduction relies on ---
 
 
-def test_nm_paper_without_bn_matches_on_filter_and_bias_and_respects_threshold():
-    from lbyl.delivery import ProducerStats, nm_delivery, nm_paper_delivery
+def _no_bn_stats(seed: int = 0) -> ProducerStats:
+    gen = torch.Generator().manual_seed(seed)
+    return ProducerStats(torch.randn(12, 30, generator=gen, dtype=torch.float64),
+                         torch.randn(12, generator=gen, dtype=torch.float64))  # fmt: skip
 
+
+def test_released_ridge_reference_is_the_library_formula():
+    stats, kept, pruned = _no_bn_stats(), torch.arange(8), torch.arange(8, 12)
+    ours = reproduce.ReleasedRidge(0.3).delivery(stats, kept, pruned, "relu")
+    assert torch.allclose(ours, lbyl_paper_delivery(stats, kept, pruned, 0.0, 0.3), atol=1e-10)
+    assert not torch.allclose(reproduce.ReleasedRidge(0.3, intercept=False).delivery(stats, kept, pruned, "relu"), ours)
+    assert reproduce.ReleasedRidge(0.3).settings()["method"] == "ridge-variant"
+
+
+def test_weights_only_criterion_drops_the_bias_column():
+    filters = torch.tensor([[3.0, 0.0, 0.0], [1.0, 0.0, 9.0]], dtype=torch.float64)
+    assert reproduce.weights_only_l2(filters).tolist() == [3.0, 1.0]
+
+
+def test_nm_paper_without_bn_matches_on_filter_and_bias_and_respects_threshold():
     filters = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.6, 0.8]], dtype=torch.float64)
     bias = torch.tensor([0.0, 5.0, 0.0, 0.0], dtype=torch.float64)
     stats = ProducerStats(filters, bias)
@@ -90,39 +124,20 @@ def test_nm_paper_without_bn_matches_on_filter_and_bias_and_respects_threshold()
     thresholded = nm_paper_delivery(stats, kept, pruned, threshold=0.7)
     assert torch.equal(thresholded[:, 0], paper[:, 0])
     assert not thresholded[:, 1].any()
+    assert torch.equal(lbyl.paper.NeuronMerging(threshold=0.7).delivery(stats, kept, pruned, "relu"), thresholded)
     # without a bias it is the exact NM
     plain = ProducerStats(filters)
     assert torch.allclose(nm_paper_delivery(plain, kept, pruned), nm_delivery(plain, kept, pruned))
 
 
 def test_gcv_penalises_noise_and_not_exact_combinations():
-    from lbyl.delivery import ProducerStats
-
     gen = torch.Generator().manual_seed(0)
     kept_filters = torch.randn(8, 200, generator=gen, dtype=torch.float64)
     exact = torch.randn(3, 8, generator=gen, dtype=torch.float64) @ kept_filters
     noise = torch.randn(3, 200, generator=gen, dtype=torch.float64)
     kept, pruned = torch.arange(8), torch.arange(8, 11)
     grid = [10.0**t for t in range(-6, 5)]
-    lam_exact = reproduce.gcv_lambda2(ProducerStats(torch.cat([kept_filters, exact])), kept, pruned, grid=grid)
-    lam_noise = reproduce.gcv_lambda2(ProducerStats(torch.cat([kept_filters, noise])), kept, pruned, grid=grid)
+    lam_exact = gcv_lambda2(ProducerStats(torch.cat([kept_filters, exact])), kept, pruned, grid=grid)
+    lam_noise = gcv_lambda2(ProducerStats(torch.cat([kept_filters, noise])), kept, pruned, grid=grid)
     assert lam_exact == grid[0]
     assert lam_noise > 100
-
-
-@pytest.mark.parametrize("ratio", reproduce.LENET_RATIOS)
-@pytest.mark.parametrize("method, column", [("lbyl-paper", "lbyl"), ("prune", "prune")])
-def test_published_cell_through_restore(setup, one_thread, method, column, ratio):
-    # the public API, not the pure functions: graph, ranking, keep count and surgery included
-    import lbyl
-    from lbyl.data import evaluate
-    from lbyl.models.registry import build_model
-
-    model = build_model("lenet-300-100")
-    model.load_state_dict({k: v.to(torch.float32) for k, v in setup.state.items()})
-    restored, _ = lbyl.restore(
-        model, setup.images[:1], ratio, method=method, lambda2=reproduce.LENET_PUBLISHED[ratio]["lambda2"]
-    )
-    ours = evaluate(restored, setup.images, setup.labels, batch_size=2000)
-    published = reproduce.LENET_PUBLISHED[ratio][column]
-    assert abs(ours - published) <= TOLERANCE, f"{method} at {ratio:.0%}: {ours:.2f}, published {published:.2f}"

@@ -153,7 +153,7 @@ def _record(layer: PlannedLayer, method: Method, criterion: str, solution, secon
     loss = {k: float(v.sum()) for k, v in solution.loss.items()}
     return LayerRecord(
         name=layer.name, channels_before=layer.channels, channels_after=len(layer.kept), method=method.name,
-        criterion=criterion, ratio=layer.ratio if layer.ratio is not None else 1 - len(layer.kept) / layer.channels,
+        criterion=criterion, ratio=layer.removed_fraction,
         re=loss["re"], be=loss["be"], ae=loss["ae"], seconds=seconds, consumers=list(layer.consumers), bn=layer.bn,
         activation=layer.activation, kept=list(layer.kept), lambda2=solution.lambda2, solve=solution.space,
         condition=solution.condition,
@@ -214,9 +214,11 @@ def _make_plan(traced: Traced, ratio, kept, criterion, layers, seed) -> Plan:
 
 
 def _ratio_setting(ratio, chosen: Plan):
-    if isinstance(ratio, (int, float)):
-        return float(ratio)
-    return {layer.name: layer.ratio for layer in chosen.layers}
+    """The report's ratio: one number when every layer lost the same fraction (as planned), else per layer."""
+    fractions = {layer.name: layer.removed_fraction for layer in chosen.layers}
+    if isinstance(ratio, (int, float)) or (not isinstance(ratio, Mapping) and len(set(fractions.values())) == 1):
+        return float(ratio) if isinstance(ratio, (int, float)) else next(iter(fractions.values()))
+    return fractions
 
 
 def _check_finite_edit(group: RestorableGroup, method: str) -> None:

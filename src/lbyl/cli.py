@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from pathlib import Path
+
+from . import commands
 
 METHOD_HELP = """\
 methods (how the information of removed channels is handed to the kept ones):
@@ -222,12 +222,34 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_model_args(p)
-    p.add_argument("--ratio", type=_ratio, required=True, metavar="R", help="fraction of channels removed per layer, in [0, 1)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ratio", type=_ratio, metavar="R", help="fraction of channels removed per layer, in [0, 1)")
+    which.add_argument("--plan", metavar="FILE", help="a plan written by 'lbyl plan --out FILE' (possibly edited)")
     p.add_argument("--method", choices=METHODS, default="lbyl", metavar="M", help=f"one of {', '.join(METHODS)} (default lbyl)")
     p.add_argument("--criterion", choices=CRITERIA, default="l2", metavar="C", help=f"one of {', '.join(CRITERIA)} (default l2)")
     _add_restore_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the restored model to")
-    p.set_defaults(func=cmd_restore)
+    p.set_defaults(func=commands.cmd_restore)
+
+    # plan ------------------------------------------------------------------
+    p = sub.add_parser(
+        "plan",
+        formatter_class=_Formatter,
+        help="a dry run: the layers and channels 'lbyl restore' would remove, and the predicted size",
+        description=(
+            "Find the restorable layers, choose the kept channels of each and predict the parameters\n"
+            "and MACs after removal, without restoring anything. Edit the JSON it writes (the 'kept'\n"
+            "list of a layer) and pass it to 'lbyl restore --plan FILE'."
+        ),
+        epilog="example:\n  lbyl plan --model resnet56 --weights resnet56.th --ratio 0.3 --out r56-plan.json\n",
+    )
+    _add_model_args(p)
+    p.add_argument("--ratio", type=_ratio, required=True, metavar="R", help="fraction of channels removed per layer, in [0, 1)")
+    p.add_argument("--criterion", choices=CRITERIA, default="l2", metavar="C", help=f"one of {', '.join(CRITERIA)} (default l2)")
+    p.add_argument("--layers", nargs="+", metavar="PATTERN", help="as for 'lbyl restore'")
+    p.add_argument("--seed", type=int, default=0, help="seed for --criterion random (default 0)")
+    p.add_argument("--out", metavar="FILE", help="write the plan as JSON to FILE")
+    p.set_defaults(func=commands.cmd_plan)
 
     # eval --------------------------------------------------------------------
     p = sub.add_parser(
@@ -250,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restored", metavar="DIR", help="folder written by 'lbyl restore' (instead of --model/--weights)")
     _add_data_args(p)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=commands.cmd_eval)
 
     # sweep -------------------------------------------------------------------
     p = sub.add_parser(
@@ -279,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated criteria from {', '.join(CRITERIA)} (default l2)")  # fmt: skip
     _add_restore_args(p)
     p.add_argument("--out", default="sweep-output", metavar="DIR", help="output folder (default sweep-output)")
-    p.set_defaults(func=cmd_sweep)
+    p.set_defaults(func=commands.cmd_sweep)
 
     # demo --------------------------------------------------------------------
     p = sub.add_parser(
@@ -305,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=_ratio_list, metavar="R,R,...", help="fractions of channels removed (default 0.1,0.2,...,0.7)")
     p.add_argument("--fast", action="store_true", help="quick run: ratios 0.3,0.6 on 1,000 of the test images")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate on N test images spread evenly over the test set")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=commands.cmd_demo)
 
     # export ------------------------------------------------------------------
     p = sub.add_parser(
@@ -328,229 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "torchscript"), metavar="FORMAT",
                    help="onnx or torchscript (default: from the --out suffix, .onnx or .pt)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=commands.cmd_export)
 
     # bench -------------------------------------------------------------------
     from .bench import speed as bench_speed
 
     bench_speed.register_cli(sub)
     return parser
-
-
-# ---------------------------------------------------------------------------
-# helpers shared by the commands
-
-
-def _status(message: str) -> None:
-    """Progress messages go to stderr so that stdout holds only results."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def _example_inputs(spec: str, input_shape):
-    import torch
-
-    from .models.registry import example_input, model_info
-
-    if input_shape is not None:
-        return torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
-    if model_info(spec) is None:
-        raise ValueError(f"model {spec!r} is not in the registry, so its input shape is unknown: pass --input-shape N,C,H,W")
-    return example_input(spec)
-
-
-def _load_model(args):
-    from .models.registry import build_model, load_weights
-
-    kwargs = dict(args.model_arg)
-    model = build_model(args.model, **kwargs)
-    load_weights(model, args.weights, trust_pickle=args.trust_pickle, spec=args.model)
-    return model.eval(), kwargs
-
-
-def _dataset_and_norm(spec: str, data: str | None):
-    """(dataset name, mean, std): the model's own normalisation when the registry knows it."""
-    from .data import DATASETS
-    from .models.registry import model_info
-
-    info = model_info(spec)
-    if data is None:
-        if info is None or info.dataset not in DATASETS:
-            known = f"made for {info.dataset}, which lbyl cannot load" if info is not None else "not in the registry"
-            raise ValueError(f"model {spec!r} is {known}: pass --data fashion-mnist or --data cifar10")
-        data = info.dataset
-    if info is not None and info.mean is not None:
-        return data, info.mean, info.std
-    return data, DATASETS[data].mean, DATASETS[data].std
-
-
-def _load_test_set(name: str, args):
-    from .data import assets_root, load_cifar10, load_fashion_mnist
-    from .sweep import subset
-
-    if name == "fashion-mnist":
-        images, labels = load_fashion_mnist("test", root=args.data_root)
-    else:
-        root = args.data_root
-        if root is None and args.assets_root is not None:
-            root = assets_root(args.assets_root) / "cifar10-jpeg"
-        images, labels = load_cifar10("test", root=root)
-    return subset(images, labels, args.limit)
-
-
-def _evaluate(model, name, images, labels, mean, std, batch_size, progress=True) -> float:
-    from .data import evaluate
-
-    try:
-        return evaluate(model, images, labels, batch_size=batch_size, progress=progress, mean=mean, std=std)
-    except RuntimeError as error:
-        shape = tuple(images.shape[1:])
-        raise ValueError(f"the model cannot run on {name} images (shape {shape}): {error}") from None
-
-
-# ---------------------------------------------------------------------------
-# commands
-
-
-def _layers(args):
-    """--layers as restore() takes it: None (default protocol), "all", or a list of patterns."""
-    if args.layers is None:
-        return None
-    return "all" if args.layers == ["all"] else args.layers
-
-
-def _method(name: str, args):
-    """The method object that ``--method name`` and the method flags describe."""
-    from . import methods, paper
-
-    flags = {"auto": None, "on": True, "off": False}
-    corrections = {k: flags[v] for k, v in (("mean_correction", args.bias_correction),
-                                            ("variance_correction", args.variance_correction))}  # fmt: skip
-    corrections = {k: v for k, v in corrections.items() if v is not None}
-    if name == "lbyl":
-        return methods.LBYL(args.lambda1, args.lambda2, args.input_model, **corrections)
-    if name == "lbyl-paper":
-        return paper.LBYL(args.lambda1, args.lambda2, **corrections)
-    if name == "nm-paper":
-        return paper.NeuronMerging(args.nm_threshold, **corrections)
-    return type(methods.as_method(name))(**corrections)
-
-
-def cmd_restore(args) -> int:
-    from .api import restore
-    from .io import save_restored
-
-    model, kwargs = _load_model(args)
-    inputs = _example_inputs(args.model, args.input_shape)
-    method = _method(args.method, args)
-    _status(f"restoring {args.model}: ratio {args.ratio:g}, {method!r}, criterion {args.criterion} ...")
-    restored, report = restore(
-        model, inputs, args.ratio, method, criterion=args.criterion, layers=_layers(args), seed=args.seed,
-        order=args.order,
-    )  # fmt: skip
-    print(report.table())
-    out = save_restored(
-        restored, report, args.out, args.model, model_kwargs=kwargs, source_weights=args.weights,
-        input_shape=args.input_shape,
-    )  # fmt: skip
-    print(f"\nwrote {out}/ (model.safetensors, plan.json, report.json)")
-    return 0
-
-
-def cmd_eval(args) -> int:
-    import torch
-    import torch_pruning as tp
-
-    if args.restored is not None:
-        if args.model or args.weights:
-            raise ValueError("give either --restored DIR or --model and --weights, not both")
-        from .io import load_restored
-
-        model, plan = load_restored(args.restored)
-        spec = plan["model"]["spec"]
-        inputs = torch.zeros(plan["input_shape"])
-        source = f"{spec} restored in {args.restored} ({plan.get('method')}, ratio {plan['settings'].get('ratio')})"
-    else:
-        if not (args.model and args.weights):
-            raise ValueError("give --model and --weights, or --restored DIR")
-        model, _ = _load_model(args)
-        spec = args.model
-        inputs = _example_inputs(spec, args.input_shape)
-        source = f"{spec} with {args.weights}"
-    data, mean, std = _dataset_and_norm(spec, args.data)
-    images, labels = _load_test_set(data, args)
-    accuracy = _evaluate(model, data, images, labels, mean, std, args.batch_size, progress=not args.json)
-    macs, params = tp.utils.count_ops_and_params(model, inputs)
-    if args.json:
-        print(json.dumps({"model": source, "data": data, "images": len(labels), "accuracy": accuracy,
-                          "params": int(params), "macs": int(macs)}))  # fmt: skip
-    else:
-        print(f"model       {source}")
-        print(f"data        {data} test set, {len(labels):,} images")
-        print(f"top-1       {accuracy:.2f}%")
-        print(f"parameters  {int(params):,}")
-        print(f"MACs        {int(macs):,}")
-    return 0
-
-
-def cmd_sweep(args) -> int:
-    from .sweep import format_table, plot_accuracy, run_sweep, write_csv, write_markdown
-
-    model, _ = _load_model(args)
-    inputs = _example_inputs(args.model, args.input_shape)
-    data, mean, std = _dataset_and_norm(args.model, args.data)
-    images, labels = _load_test_set(data, args)
-    _status(f"sweep: {len(args.ratios) * len(args.methods) * len(args.criteria)} restorations, {len(labels):,} {data} images each")
-    started = time.perf_counter()
-    rows = run_sweep(
-        model, inputs, images, labels, args.ratios, [_method(m, args) for m in args.methods], args.criteria,
-        mean=mean, std=std, batch_size=args.batch_size, seed=args.seed, order=args.order,
-        layers=_layers(args), model_name=args.model, weights_name=Path(args.weights).name,
-    )  # fmt: skip
-    out = Path(args.out)
-    title = f"{args.model} on {data} ({len(labels):,} test images)"
-    write_csv(rows, out / "results.csv")
-    write_markdown(rows, out / "results.md", title=title)
-    plot_accuracy(rows, out / "accuracy.png", title=title)
-    print(format_table(rows))
-    print(f"\nwrote {out / 'results.csv'}, {out / 'results.md'} and {out / 'accuracy.png'} "
-          f"in {time.perf_counter() - started:.1f} s")  # fmt: skip
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(args.out, ratios=args.ratios, fast=args.fast, limit=args.limit)
-    return 0
-
-
-def cmd_export(args) -> int:
-    import torch
-
-    from .export import export_model, max_difference
-    from .io import load_restored
-
-    format = args.format
-    if format is None:
-        suffix = Path(args.out).suffix.lower()
-        format = "onnx" if suffix == ".onnx" else "torchscript" if suffix in (".pt", ".pth", ".ts") else None
-        if format is None:
-            raise ValueError(f"cannot tell the format from {args.out!r}: pass --format onnx or --format torchscript")
-    model, plan = load_restored(args.restored)
-    shape = list(plan["input_shape"])
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    try:
-        path = export_model(model, example, args.out, format)
-    except ImportError as error:
-        print(f"lbyl export: error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {path} ({format}; input shape {shape}, any batch size)")
-    batch = torch.randn([2, *shape[1:]], generator=torch.Generator().manual_seed(1))
-    try:
-        print(f"largest difference from PyTorch on a random batch of 2: {max_difference(model, path, batch, format):.1e}")
-    except ImportError:
-        print("not checked: install onnxruntime (pip install 'lbyl[export]') to run the ONNX file")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -560,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        _status("interrupted")
+        commands.status("interrupted")
         return 130
     except (ValueError, FileNotFoundError, OSError) as error:
         # expected problems (bad paths, mismatched weights, missing data): one clear line, no traceback

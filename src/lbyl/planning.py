@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .criteria import select_channels
+from .criteria import keep_count, select_channels
 from .delivery import BatchNormStats, ProducerStats
 from .graph import RestorableGroup, SkippedLayer
 from .report import SkippedRecord, format_table, percent
@@ -34,6 +34,13 @@ class PlannedLayer:
     bn: str | None = None
     activation: str = "identity"
     ratio: float | None = None  # None: the channels were chosen explicitly
+
+    @property
+    def removed_fraction(self) -> float:
+        """The planned ratio if the kept count matches it, else the fraction actually removed."""
+        if self.ratio is not None and keep_count(self.channels, self.ratio) == len(self.kept):
+            return self.ratio
+        return 1 - len(self.kept) / self.channels
 
     @property
     def pruned(self) -> list[int]:

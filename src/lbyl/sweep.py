@@ -128,21 +128,7 @@ def run_sweep(
             restored, report = restore(
                 model, inputs, float(ratio), method, criterion=criterion, seed=seed, order=order, layers=layers
             )
-            seconds = time.perf_counter() - started
-            row = dict(
-                common,
-                ratio=float(ratio),
-                method=method.name,
-                criterion=criterion,
-                accuracy=score(restored),
-                params=report.params_after,
-                macs=report.macs_after,
-                restore_seconds=seconds,
-                re=sum(layer.re for layer in report.layers),
-                be=sum(layer.be for layer in report.layers),
-                ae=sum(layer.ae for layer in report.layers),
-                **_method_columns(method),
-            )
+            row = dict(common, **result_row(report, method, time.perf_counter() - started), accuracy=score(restored))
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -152,6 +138,22 @@ def run_sweep(
         if bar is not None:
             bar.close()
     return rows
+
+
+def result_row(report, method, seconds: float) -> dict:
+    """The columns of one restoration: ratio, method, criterion, sizes, time, summed losses, method options."""
+    return dict(
+        ratio=float(report.settings["ratio"]) if isinstance(report.settings["ratio"], float) else "",
+        method=method.name,
+        criterion=report.settings["criterion"],
+        params=report.params_after,
+        macs=report.macs_after,
+        restore_seconds=seconds,
+        re=sum(layer.re for layer in report.layers),
+        be=sum(layer.be for layer in report.layers),
+        ae=sum(layer.ae for layer in report.layers),
+        **_method_columns(method),
+    )
 
 
 def _method_columns(method) -> dict:

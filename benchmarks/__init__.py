@@ -1,0 +1,12 @@
+"""Experiments on top of lbyl: the lab, kept apart from the library.
+
+Nothing here is installed with the package, and everything here uses the public
+API of :mod:`lbyl` only. Run the experiments from the repository root:
+
+- ``python -m benchmarks.cifar10_resnets --help``: the CIFAR-10 ResNet benchmark
+  (results tracked in ``benchmarks/cifar10/``, report in ``docs/benchmarks.md``);
+- ``python -m benchmarks.reproduce_lenet``: the paper's LeNet-300-100 table
+  (``docs/reproduction.md``);
+- ``python -m benchmarks.ablation``: the ablation of the default restoration
+  (``docs/ablation.md``).
+"""
