@@ -107,6 +107,7 @@ def test_runtime_errors_are_one_clear_line(capsys, tmp_path):
 # --- restore and eval -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_restore_options_reach_the_plan(capsys, tmp_path, weights_file):
     out = tmp_path / "r"
     code, stdout, _ = run_cli(
@@ -115,14 +116,14 @@ def test_restore_options_reach_the_plan(capsys, tmp_path, weights_file):
     )  # fmt: skip
     assert code == 0
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["settings"]["lambda2"] == "auto" and plan["settings"]["bias_correction"] is False
+    assert plan["settings"]["lambda2"] == "auto" and plan["settings"]["mean_correction"] is False
     assert list(plan["kept"]) == ["conv1", "conv2", "conv3", "fc1"]  # 'all' includes the hidden Linear layer
     assert "fc1" in stdout and "256 -> 192" in stdout
 
     code, _, _ = run_cli(capsys, "restore", "--model", "demo-cnn", "--weights", weights_file, "--ratio", "0.25",
                          "--layers", "conv2", "--out", str(tmp_path / "one"))  # fmt: skip
     plan = json.loads((tmp_path / "one" / "plan.json").read_text())
-    assert code == 0 and list(plan["kept"]) == ["conv2"] and plan["settings"]["bias_correction"] is True
+    assert code == 0 and list(plan["kept"]) == ["conv2"] and plan["settings"]["mean_correction"] is True
     assert plan["settings"]["input_model"] == "white"  # the default
 
     code, _, _ = run_cli(capsys, "restore", "--model", "demo-cnn", "--weights", weights_file, "--ratio", "0.25",
@@ -136,7 +137,17 @@ def test_restore_options_reach_the_plan(capsys, tmp_path, weights_file):
     plan = json.loads((tmp_path / "novc" / "plan.json").read_text())
     assert code == 0 and plan["settings"]["variance_correction"] is False
 
+    # the flags build the method object: its name and options are the recorded settings
+    code, _, _ = run_cli(capsys, "restore", "--model", "demo-cnn", "--weights", weights_file, "--ratio", "0.25",
+                         "--method", "nm-paper", "--nm-threshold", "0.45", "--bias-correction", "on",
+                         "--out", str(tmp_path / "nmp"))  # fmt: skip
+    plan = json.loads((tmp_path / "nmp" / "plan.json").read_text())
+    assert code == 0 and plan["settings"]["method"] == "nm-paper" and plan["settings"]["threshold"] == 0.45
+    assert plan["settings"]["mean_correction"] is True and plan["settings"]["variance_correction"] is False
+    assert lbyl.paper.NeuronMerging(0.45, mean_correction=True).settings().items() <= plan["settings"].items()
 
+
+@pytest.mark.slow
 def test_restore_then_eval_matches_in_memory_model(capsys, tmp_path, weights_file):
     images, labels = fashion_mnist_test()
     images, labels = subset(images, labels, 500)
@@ -154,7 +165,7 @@ def test_restore_then_eval_matches_in_memory_model(capsys, tmp_path, weights_fil
     result = json.loads(stdout)
 
     model = load_demo_model()
-    restored, report = lbyl.restore(model, example_input("demo-cnn"), 0.5, method="lbyl", criterion="l2", lambda1=0.05)
+    restored, report = lbyl.restore(model, example_input("demo-cnn"), 0.5, lbyl.LBYL(lambda1=0.05), criterion="l2")
     info = model_info("demo-cnn")
     expected = evaluate(restored, images, labels, mean=info.mean, std=info.std)
     assert result["images"] == 500 and result["data"] == "fashion-mnist"
@@ -179,6 +190,7 @@ def test_eval_of_original_weights(capsys, weights_file):
 # --- sweep ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sweep_writes_csv_markdown_and_plot(capsys, tmp_path, weights_file):
     fashion_mnist_test()
     out = tmp_path / "sweep"

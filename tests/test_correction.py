@@ -88,8 +88,8 @@ def test_correction_removes_the_mean_shift_of_plain_pruning():
     model.eval()
     with torch.no_grad():
         reference = model(x).mean(dim=0)
-        plain = lbyl.restore(model, x[:1], 0.5, method="prune", bias_correction=False)[0](x).mean(dim=0)
-        corrected = lbyl.restore(model, x[:1], 0.5, method="prune", bias_correction=True)[0](x).mean(dim=0)
+        plain = lbyl.restore(model, x[:1], 0.5, lbyl.Prune(mean_correction=False))[0](x).mean(dim=0)
+        corrected = lbyl.restore(model, x[:1], 0.5, lbyl.Prune(mean_correction=True))[0](x).mean(dim=0)
     # the conv output of white noise is Gaussian, so the corrected mean is right up to sampling error
     assert (corrected - reference).abs().max() < 0.05
     assert (plain - reference).abs().max() > 4 * (corrected - reference).abs().max()

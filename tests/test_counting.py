@@ -75,8 +75,11 @@ def small_input(name, batch=1):
     return x[..., :64, :64] if x.shape[-1] == 224 else x
 
 
-@pytest.mark.parametrize("name", REGISTRY)
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize(
+    "batch, name",
+    [pytest.param(b, n, marks=pytest.mark.slow) if (b, n) == (1, "resnet50") else (b, n)
+     for b in (1, 3) for n in REGISTRY],  # fmt: skip
+)
 def test_registry_models_match_reference(name, batch):
     model = build_model(name).eval()
     inputs = small_input(name, batch=batch)
@@ -98,7 +101,9 @@ def test_unknown_type_falls_back_to_reference():
     assert counting.count_ops_and_params(model, inputs) == reference(model, inputs)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet50", "vgg16-bn-cifar", "lenet-300-100"])
+@pytest.mark.parametrize(
+    "name", ["resnet20", pytest.param("resnet50", marks=pytest.mark.slow), "vgg16-bn-cifar", "lenet-300-100"]
+)
 def test_pruned_models_match_reference(name):
     model = build_model(name).eval()
     inputs = small_input(name)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import lbyl
 from helpers import conv_bn_relu_conv
-from lbyl.delivery import BatchNormStats, ProducerStats, delivery_matrix
+from lbyl.delivery import BatchNormStats, ProducerStats
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,6 +37,20 @@ def assert_finite(model):
             assert torch.isfinite(tensor).all(), name
 
 
+def delivery_matrix(method, stats, kept, pruned):
+    """The delivery matrix of a method's defaults (lambdas 0, white inputs, no activation)."""
+    return lbyl.as_method(method).delivery(stats, kept, pruned, "identity")
+
+
+def with_lambda1(method, lambda1):
+    """The method of this name with its BN-bias weight ``lambda1`` (methods without one: their defaults)."""
+    if method == "lbyl":
+        return lbyl.LBYL(lambda1=lambda1)
+    if method == "lbyl-paper":
+        return lbyl.paper.LBYL(lambda1=lambda1)
+    return lbyl.as_method(method)
+
+
 def stats_with_bn(seed=0, n=6, m=12, **overrides):
     gen = torch.Generator().manual_seed(seed)
     rand = lambda: torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -59,7 +73,7 @@ def test_zero_gamma_restores_to_finite_weights(method):
     with torch.no_grad():
         model[1].weight[[0, 4]] = 0.0  # one kept, one pruned (L2 ranks the raw filters)
     for criterion in ("l2", "random"):
-        restored, report = lbyl.restore(model, X[:1], 0.5, method=method, criterion=criterion, lambda1=0.5)
+        restored, report = lbyl.restore(model, X[:1], 0.5, method=with_lambda1(method, 0.5), criterion=criterion)
         assert_finite(restored)
         assert torch.isfinite(outputs(restored)).all()
         assert all(map(torch.isfinite, torch.tensor([report.layers[0].re, report.layers[0].be])))
@@ -96,7 +110,7 @@ def test_tiny_or_zero_running_variance(method, var):
     model = conv_bn_relu_conv(6, seed=1)
     with torch.no_grad():
         model[1].running_var[[0, 4]] = var
-    restored, _ = lbyl.restore(model, X[:1], 0.5, method=method, lambda1=0.5)
+    restored, _ = lbyl.restore(model, X[:1], 0.5, method=with_lambda1(method, 0.5))
     assert_finite(restored)
     assert torch.isfinite(outputs(restored)).all()
 

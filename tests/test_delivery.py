@@ -7,13 +7,13 @@ from lbyl.delivery import (
     BatchNormStats,
     ProducerStats,
     bn_affine,
-    delivery_matrix,
     lbyl_delivery,
     lbyl_paper_delivery,
     nm_delivery,
     nm_paper_delivery,
     restoration_loss,
 )
+from lbyl.methods import as_method
 
 F64 = torch.float64
 
@@ -206,7 +206,7 @@ def test_lbyl_paper_without_bn_is_ridge_with_discarded_intercept(gen):
 
 def test_prune_is_zero_and_loss_is_filter_energy(gen):
     stats = ProducerStats(torch.randn(6, 5, generator=gen, dtype=F64), bn=random_bn(6, gen))
-    delivery = delivery_matrix("prune", stats, KEPT, PRUNED)
+    delivery = as_method("prune").delivery(stats, KEPT, PRUNED, "relu")
     assert delivery.shape == (4, 2) and not delivery.any()
     g, b = bn_affine(stats)
     loss = restoration_loss(stats, KEPT, PRUNED, delivery)
@@ -214,7 +214,6 @@ def test_prune_is_zero_and_loss_is_filter_energy(gen):
     assert torch.allclose(loss["be"], b[PRUNED] ** 2)
 
 
-def test_unknown_method_names_choices(gen):
-    stats = ProducerStats(torch.randn(6, 5, generator=gen, dtype=F64))
+def test_unknown_method_names_choices():
     with pytest.raises(ValueError, match="lbyl-paper"):
-        delivery_matrix("magic", stats, KEPT, PRUNED)
+        as_method("magic")

@@ -84,7 +84,7 @@ def unknown_criterion(tmp_path):
 
 
 def negative_lambda(tmp_path):
-    lbyl.restore(small(), X, 0.5, lambda1=-1)
+    lbyl.restore(small(), X, 0.5, lbyl.LBYL(lambda1=-1))
 
 
 def unknown_order(tmp_path):
@@ -92,7 +92,7 @@ def unknown_order(tmp_path):
 
 
 def unknown_input_model(tmp_path):
-    lbyl.restore(small(), X, 0.5, input_model="pink")
+    lbyl.restore(small(), X, 0.5, lbyl.LBYL(input_model="pink"))
 
 
 def not_a_module(tmp_path):
@@ -138,6 +138,72 @@ def half_precision_overflow(tmp_path):
     with torch.no_grad():
         model[3].weight[:, [0, 5]] = 40000.0
     lbyl.restore(model, X.half(), 1 / 6, method="nm")
+
+
+def inplace_not_bool(tmp_path):
+    lbyl.restore(small(), X, 0.5, inplace="yes")
+
+
+def seed_not_int(tmp_path):
+    lbyl.restore(small(), X, 0.5, criterion="random", seed=1.5)
+
+
+def layers_wrong_type(tmp_path):
+    lbyl.restore(small(), X, 0.5, layers=3)
+
+
+def ratio_mapping_with_layers(tmp_path):
+    lbyl.restore(small(), X, {"0": 0.5}, layers=["0"])
+
+
+def ratio_and_kept(tmp_path):
+    lbyl.restore(small(), X, 0.5, kept={"0": [0, 1]})
+
+
+def no_ratio(tmp_path):
+    lbyl.restore(small(), X)
+
+
+def invalid_kept(tmp_path):
+    lbyl.restore(small(), X, kept={"0": [0, 9]})
+
+
+def plan_with_other_choices(tmp_path):
+    lbyl.restore(small(), X, lbyl.plan(small(), X, 0.5), layers=["0"])
+
+
+def plan_for_another_model(tmp_path):
+    lbyl.restore(conv_bn_relu_conv(4, seed=0), X, lbyl.plan(small(), X, 0.5))
+
+
+def method_class_not_object(tmp_path):
+    lbyl.restore(small(), X, 0.5, lbyl.LBYL)
+
+
+def correction_not_bool(tmp_path):
+    lbyl.NeuronMerging(mean_correction="yes")
+
+
+def threshold_out_of_range(tmp_path):
+    lbyl.paper.NeuronMerging(threshold=2)
+
+
+def criterion_wrong_shape(tmp_path):
+    lbyl.restore(small(), X, 0.5, criterion=lambda filters: filters.norm())
+
+
+def criterion_not_finite(tmp_path):
+    lbyl.restore(small(), X, 0.5, criterion=lambda filters: filters.sum(dim=1) / 0)
+
+
+def custom_method_wrong_shape(tmp_path):
+    class Everything(lbyl.Method):
+        name = "everything"
+
+        def delivery(self, stats, kept, pruned, activation):
+            return torch.ones(len(pruned), len(kept), dtype=torch.float64)
+
+    lbyl.restore(small(), X, 0.25, Everything())
 
 
 def unknown_model(tmp_path):
@@ -262,7 +328,9 @@ CASES = {f.__name__.replace("_", "-"): f for f in [
     example_input_type, example_input_shape, ratio_out_of_range, ratio_mapping_value, unknown_method,
     unknown_criterion, negative_lambda, unknown_order, unknown_input_model, not_a_module, no_restorable_layer, nan_weights,
     unknown_layer, skipped_layer, unknown_layer_in_ratio_mapping, batchnorm_divides_by_zero, half_precision_overflow,
-    unknown_model,
+    unknown_model, inplace_not_bool, seed_not_int, layers_wrong_type, ratio_mapping_with_layers, ratio_and_kept,
+    no_ratio, invalid_kept, plan_with_other_choices, plan_for_another_model, method_class_not_object,
+    correction_not_bool, threshold_out_of_range, criterion_wrong_shape, criterion_not_finite, custom_method_wrong_shape,
     unimportable_model, weights_not_found, corrupt_weights, truncated_weights, corrupt_safetensors,
     mismatched_state_dict, wrong_num_classes, pickle_checkpoint, no_state_dict, restored_folder_missing,
     not_a_restored_folder, tampered_weights, plan_from_another_architecture, missing_fashion_mnist,

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lbyl.api import default_layers
+from lbyl.planning import default_layers
 from lbyl.graph import find_groups
 from lbyl.models.registry import build_model
 

@@ -27,7 +27,7 @@ def _trained_like(spec: str, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def restored_demo():
     model = _trained_like("demo-cnn")
-    restored, report = lbyl.restore(model, example_input("demo-cnn"), 0.5, method="lbyl", lambda1=0.1)
+    restored, report = lbyl.restore(model, example_input("demo-cnn"), 0.5, lbyl.LBYL(lambda1=0.1))
     return restored, report
 
 
@@ -98,7 +98,7 @@ def test_round_trip_keeps_a_bias_created_by_correction(tmp_path):
     spec = f"{__name__}:bias_free_cnn"
     model = build_model(spec)
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    restored, report = lbyl.restore(model, x[:1], 0.5, method="lbyl", layers=["conv1"], bias_correction=True)
+    restored, report = lbyl.restore(model, x[:1], 0.5, lbyl.LBYL(mean_correction=True), layers=["conv1"])
     assert model.conv2.bias is None and restored.conv2.bias is not None
     save_restored(restored, report, tmp_path, spec, input_shape=(1, 3, 8, 8))
     loaded, _ = load_restored(tmp_path)

@@ -1,4 +1,4 @@
-"""LBYL solved after the ReLU where the kept filters span the input space (delivery.post_activation_products)."""
+"""LBYL solved after the ReLU where the kept filters span the input space (covariance.solve_space)."""
 import math
 
 import pytest
@@ -6,18 +6,9 @@ import torch
 from torch import nn
 
 import lbyl
-from lbyl.delivery import (
-    BatchNormStats,
-    ProducerStats,
-    _solve_spd,
-    calibrated_products,
-    delivery_and_loss,
-    lbyl_delivery,
-    post_activation_products,
-    relu_covariance,
-    scaled_filters,
-    spans_input_space,
-)
+from lbyl.covariance import channel_covariance, preactivation_covariance, relu_covariance, solve_space
+from lbyl.covariance import spans_input_space
+from lbyl.delivery import BatchNormStats, ProducerStats, scaled_filters, solve_normal_equations
 
 F64 = torch.float64
 
@@ -80,25 +71,43 @@ def _wide_layer(n=16, m=9, seed=0):
 KEPT, PRUNED = torch.arange(0, 11), torch.arange(11, 16)
 
 
+def solve_in(covariance, kept=KEPT, pruned=PRUNED):
+    """LBYL with lambdas 0 in the metric of ``covariance`` (N x N): ``S = C_KK^+ C_KP``."""
+    return solve_normal_equations(covariance[kept][:, kept], covariance[kept][:, pruned])[0]
+
+
+def lbyl_solve(stats, input_model, activation):
+    return lbyl.LBYL(input_model=input_model).solve(stats, KEPT, PRUNED, activation)
+
+
 def test_spanning_kept_filters_switch_to_the_post_activation_solve():
     stats = _wide_layer()
     w, b = scaled_filters(stats)
-    after = _solve_spd(*post_activation_products(stats, w, KEPT, PRUNED))
-    before = _solve_spd(*calibrated_products(stats, w, KEPT, PRUNED))
-    assert torch.allclose(lbyl_delivery(stats, KEPT, PRUNED, input_model="bn", activation="relu"), after)
+    beta = stats.bn.beta
+    bn_covariance = preactivation_covariance(stats, "bn")
+    after = solve_in(relu_covariance(beta, bn_covariance))  # Cov(relu(z)) under the BN input model
+    before = solve_in(bn_covariance)
+    solution = lbyl_solve(stats, "bn", "relu")
+    assert solution.space == solve_space(stats, w[KEPT], "bn", "relu") == "after-relu"
+    assert torch.allclose(solution.delivery, after)
+    assert torch.allclose(channel_covariance(stats, "bn", "after-relu"), relu_covariance(beta, bn_covariance))
     assert not torch.allclose(after, before, atol=1e-3)
     # no ReLU, or the white input model: the pre-activation solve (exact here) as before
-    assert torch.allclose(lbyl_delivery(stats, KEPT, PRUNED, input_model="bn", activation="identity"), before)
-    white = lbyl_delivery(stats, KEPT, PRUNED, input_model="white", activation="identity")
-    assert torch.allclose(w[KEPT].T @ white, w[PRUNED].T, atol=1e-8)  # exact rebuild before the ReLU
+    no_relu = lbyl_solve(stats, "bn", "identity")
+    assert no_relu.space == "bn" and torch.allclose(no_relu.delivery, before)
+    white = lbyl_solve(stats, "white", "identity")
+    assert white.space == "white"
+    assert torch.allclose(w[KEPT].T @ white.delivery, w[PRUNED].T, atol=1e-8)  # exact rebuild before the ReLU
     # the white model solves after the ReLU too, under its own (white) covariance
-    white_after = _solve_spd(*post_activation_products(stats, w, KEPT, PRUNED, w @ w.T))
-    assert torch.allclose(lbyl_delivery(stats, KEPT, PRUNED, input_model="white", activation="relu"), white_after)
+    white_after = solve_in(relu_covariance(beta, w @ w.T))
+    white_relu = lbyl_solve(stats, "white", "relu")
+    assert white_relu.space == "after-relu" and torch.allclose(white_relu.delivery, white_after)
     assert not torch.allclose(white_after, after, atol=1e-3)
-    # the shared-products path of restore() agrees
-    shared, loss = delivery_and_loss("lbyl", stats, KEPT, PRUNED, input_model="bn", activation="relu")
-    assert torch.allclose(shared, after)
-    assert (loss["re"] > 0).all()  # no longer an exact rebuild of the filter
+    # the solution restore() applies (its delivery and report losses) agrees
+    assert torch.equal(lbyl.LBYL(input_model="bn").delivery(stats, KEPT, PRUNED, "relu"), solution.delivery)
+    assert (solution.loss["re"] > 0).all()  # no longer an exact rebuild of the filter
+    # the variance correction predicts with the covariance the delivery was solved in
+    assert torch.allclose(solution.covariance, channel_covariance(stats, "bn", "after-relu"))
 
 
 def test_post_activation_solve_copies_an_identical_channel():
@@ -110,7 +119,7 @@ def test_post_activation_solve_copies_an_identical_channel():
     for k in fields:
         fields[k][12] = fields[k][3]
     twin = ProducerStats(filters=filters, bn=BatchNormStats(**fields, eps=bn.eps))
-    delivery = lbyl_delivery(twin, KEPT, PRUNED, input_model="bn", activation="relu")
+    delivery = lbyl.LBYL(input_model="bn").delivery(twin, KEPT, PRUNED, "relu")
     column = delivery[:, PRUNED.tolist().index(12)]
     expected = torch.zeros(len(KEPT), dtype=F64)
     expected[3] = 1
@@ -119,9 +128,9 @@ def test_post_activation_solve_copies_an_identical_channel():
 
 def test_narrow_kept_set_keeps_the_pre_activation_solve():
     stats = _wide_layer(n=16, m=27)
-    w, _ = scaled_filters(stats)
-    before = _solve_spd(*calibrated_products(stats, w, KEPT, PRUNED))
-    assert torch.allclose(lbyl_delivery(stats, KEPT, PRUNED, input_model="bn", activation="relu"), before)
+    before = solve_in(preactivation_covariance(stats, "bn"))
+    solution = lbyl_solve(stats, "bn", "relu")
+    assert solution.space == "bn" and torch.allclose(solution.delivery, before)
 
 
 def test_restore_uses_the_post_activation_solve_on_a_one_channel_first_conv():
@@ -133,7 +142,7 @@ def test_restore_uses_the_post_activation_solve_on_a_one_channel_first_conv():
         model[1].bias.uniform_(-0.5, 0.5)
     x = torch.randn(1, 1, 8, 8)
     # 12 of 16 kept, 9 weights per filter: the kept filters span the input space
-    bn_model, report = lbyl.restore(model, x, 0.25, input_model="bn")
+    bn_model, report = lbyl.restore(model, x, 0.25, lbyl.LBYL(input_model="bn"))
     white_model, white = lbyl.restore(model, x, 0.25)
     assert white.settings["input_model"] == "white" and report.settings["input_model"] == "bn"
     assert report.layers[0].channels_after == 12
@@ -151,7 +160,7 @@ def test_report_says_where_each_layer_was_solved():
     x = torch.randn(1, 1, 8, 8)
     _, report = lbyl.restore(model, x, 0.25)  # 12 >= 9 weights: after the ReLU; 6 < 144: not
     assert "lbyl (after ReLU)" in report.table()
-    _, bn = lbyl.restore(model, x, 0.25, input_model="bn")
+    _, bn = lbyl.restore(model, x, 0.25, lbyl.LBYL(input_model="bn"))
     assert [r.solve for r in bn.layers] == ["after-relu", "bn"]
     assert [r.solve for r in report.layers] == ["after-relu", "white"]
     _, nm = lbyl.restore(model, x, 0.25, method="nm")

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lbyl
+from lbyl.covariance import INPUT_MODELS
 from random_models import DAMAGE, build, example_input
 
 # tiny models: one thread avoids thread start-up and contention dominating the runtime
@@ -57,6 +58,16 @@ criteria = st.sampled_from(lbyl.CRITERIA)
 seeds = st.integers(0, 2**16)
 
 
+def make_method(name, lambda1=0.0, lambda2=0.0, input_model="white", **corrections):
+    """The method object of ``name`` with these options where it has them (the lambdas: both LBYL
+    variants; ``"auto"``: LBYL only, the released variant used 0 for it; the input model: LBYL only)."""
+    if name == "lbyl":
+        return lbyl.LBYL(lambda1, lambda2, input_model, **corrections)
+    if name == "lbyl-paper":
+        return lbyl.paper.LBYL(lambda1, 0.0 if lambda2 == "auto" else lambda2, **corrections)
+    return type(lbyl.as_method(name))(**corrections)
+
+
 def _param_count(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -76,18 +87,22 @@ def _finite(model):
     lambda2=st.one_of(lambdas, st.just("auto")),
     layers=st.sampled_from([None, "all"]),
     order=st.sampled_from(lbyl.api.ORDERS),
-    bias_correction=st.booleans(),
+    mean_correction=st.booleans(),
+    variance_correction=st.booleans(),
+    input_model=st.sampled_from(INPUT_MODELS),
     damage=st.lists(st.sampled_from(DAMAGE), max_size=2),
 )
 def test_restore_never_breaks(
-    spec, seed, ratio, method, criterion, lambda1, lambda2, layers, order, bias_correction, damage
-):
+    spec, seed, ratio, method, criterion, lambda1, lambda2, layers, order, mean_correction, variance_correction,
+    input_model, damage,
+):  # fmt: skip
     model = build(spec, seed=seed, damage=damage)
     x = example_input(spec, batch=3, seed=seed)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = make_method(method, lambda1, lambda2, input_model, mean_correction=mean_correction,
+                         variance_correction=variance_correction)  # fmt: skip
     restored, report = lbyl.restore(
-        model, x[:1], ratio, method=method, criterion=criterion, lambda1=lambda1, lambda2=lambda2,
-        layers=layers, seed=seed, order=order, bias_correction=bias_correction,
+        model, x[:1], ratio, method, criterion=criterion, layers=layers, seed=seed, order=order
     )  # fmt: skip
     with torch.no_grad():
         reference, out = model(x), restored(x)
@@ -100,6 +115,7 @@ def test_restore_never_breaks(
     assert report.layers, "every generated model has a restorable layer"
     assert report.params_after == _param_count(restored)
     assert report.params_before == _param_count(model)
+    assert method.settings().items() <= report.settings.items()
     modules = dict(restored.named_modules())
     for record in report.layers:
         assert record.channels_after == lbyl.keep_count(record.channels_before, ratio)
@@ -116,7 +132,7 @@ def test_ratio_zero_changes_nothing(spec, seed, method, criterion, lambda1, lamb
     model = build(spec, seed=seed)
     x = example_input(spec, batch=3, seed=seed)
     restored, report = lbyl.restore(
-        model, x[:1], 0.0, method=method, criterion=criterion, lambda1=lambda1, lambda2=lambda2, layers="all", seed=seed
+        model, x[:1], 0.0, make_method(method, lambda1, lambda2), criterion=criterion, layers="all", seed=seed
     )
     with torch.no_grad():
         assert torch.equal(model(x), restored(x))
@@ -129,8 +145,8 @@ def test_ratio_zero_changes_nothing(spec, seed, method, criterion, lambda1, lamb
 def test_same_seed_same_result(spec, seed, ratio, method, criterion, lambda2):
     model = build(spec, seed=seed)
     x = example_input(spec, seed=seed)
-    a, report_a = lbyl.restore(model, x, ratio, method=method, criterion=criterion, lambda2=lambda2, seed=seed)
-    b, report_b = lbyl.restore(model, x, ratio, method=method, criterion=criterion, lambda2=lambda2, seed=seed)
+    a, report_a = lbyl.restore(model, x, ratio, make_method(method, lambda2=lambda2), criterion=criterion, seed=seed)
+    b, report_b = lbyl.restore(model, x, ratio, make_method(method, lambda2=lambda2), criterion=criterion, seed=seed)
     state_a, state_b = a.state_dict(), b.state_dict()
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)

@@ -66,17 +66,17 @@ def _combination_model(activation):
 def test_several_coefficients_leave_only_activation_error():
     # the BN statistics here are not those of real data, so the mean model is off: no correction
     linear = _combination_model(nn.Identity())
-    restored, report = lbyl.restore(linear, X[:1], 0.5, method="lbyl", bias_correction=False)
+    restored, report = lbyl.restore(linear, X[:1], 0.5, lbyl.LBYL(mean_correction=False))
     assert report.layers[0].activation == "identity"
     assert report.layers[0].re < 1e-20 and report.layers[0].be < 1e-20
     assert relative_error(linear, restored) < 1e-6  # linear case: exact
 
     relu = _combination_model(nn.ReLU())
-    restored, report = lbyl.restore(relu, X[:1], 0.5, method="lbyl", bias_correction=False)
+    restored, report = lbyl.restore(relu, X[:1], 0.5, lbyl.LBYL(mean_correction=False))
     assert report.layers[0].re < 1e-20 and report.layers[0].be < 1e-20
     # ReLU(sum s_k z_k) != sum s_k ReLU(z_k): the activation error remains
     assert relative_error(relu, restored) > 1e-3
-    assert relative_error(relu, restored) < relative_error(relu, lbyl.restore(relu, X[:1], 0.5, method="prune", bias_correction=False)[0])
+    assert relative_error(relu, restored) < relative_error(relu, lbyl.restore(relu, X[:1], 0.5, lbyl.Prune(mean_correction=False))[0])
 
 
 @pytest.mark.parametrize("method", lbyl.METHODS)
@@ -111,7 +111,7 @@ def test_flatten_into_linear_edits_every_slot():
         model[0].bias[3:] = 0.5 * model[0].bias[:3]
         model[1].running_var.fill_(1.0), model[1].running_mean.zero_(), model[1].bias.zero_(), model[1].weight.fill_(1.0)
     x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
-    restored, report = lbyl.restore(model, x[:1], 0.5, method="nm", bias_correction=False)
+    restored, report = lbyl.restore(model, x[:1], 0.5, lbyl.NeuronMerging(mean_correction=False))
     assert report.layers[0].consumers == ["5"]
     assert restored[5].in_features == 3 * 16
     assert relative_error(model, restored, x) < 1e-6
@@ -145,11 +145,14 @@ def test_restore_is_deterministic():
 
 def test_report_prints_and_serialises():
     model = conv_bn_relu_conv(6, seed=7)
-    _, report = lbyl.restore(model, X[:1], 0.5, method="lbyl", lambda2=0.1)
+    _, report = lbyl.restore(model, X[:1], 0.5, lbyl.LBYL(lambda2=0.1))
     text = str(report)
-    assert "0" in text and "6 -> 3" in text and "parameters" in text
+    assert "0" in text and "6 -> 3" in text and "parameters" in text and "cond" in text
+    assert f"{report.layers[0].condition:.3g}" in text
     data = lbyl.Report.from_dict(__import__("json").loads(report.to_json()))
     assert data.layers[0].channels_after == 3 and data.settings["lambda2"] == 0.1
+    assert data.layers[0].condition == report.layers[0].condition
+    assert data.settings == report.settings
     assert [s.name for s in report.skipped] == ["3"]
 
 

@@ -1,18 +1,22 @@
 """The batched LBYL solve (one factorisation per layer) equals one least-squares solve per neuron.
 
-Also: the shared-products path of ``restore`` (``delivery_and_loss``) gives the
-delivery matrix and loss terms of ``delivery_matrix`` + ``restoration_loss``.
+Also: the shared-products path of ``restore`` (each method's ``solve``) gives the
+delivery matrix of the method's pure formula and the loss terms of ``restoration_loss``.
 No timings here: speed is measured by ``python -m lbyl.bench.speed``.
 """
 import pytest
 import torch
 import torch.nn as nn
 
-from lbyl.api import default_layers, producer_stats
+import lbyl
 from lbyl.bench.reference import lbyl_delivery_per_neuron
 from lbyl.bench.speed import realistic_batchnorm
 from lbyl.criteria import select_channels
-from lbyl.delivery import METHODS, delivery_and_loss, delivery_matrix, lbyl_delivery, restoration_loss
+from lbyl.delivery import (
+    lbyl_delivery, lbyl_paper_delivery, nm_delivery, nm_paper_delivery, prune_delivery, restoration_loss,
+)  # fmt: skip
+from lbyl.methods import METHODS
+from lbyl.planning import default_layers, producer_stats
 from lbyl.graph import find_groups
 from lbyl.models.registry import build_model, example_input
 
@@ -36,6 +40,16 @@ class NarrowInput(nn.Module):
 
     def forward(self, x):
         return self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+
+def method_and_formula(name, lambda1, lambda2):
+    """The method object of ``name`` with these lambdas, and the pure delivery function it must equal."""
+    if name == "lbyl":
+        return lbyl.LBYL(lambda1, lambda2), lambda s, k, p: lbyl_delivery(s, k, p, lambda1, lambda2)
+    if name == "lbyl-paper":
+        return lbyl.paper.LBYL(lambda1, lambda2), lambda s, k, p: lbyl_paper_delivery(s, k, p, lambda1, lambda2)
+    formulas = {"prune": lambda s, k, p: prune_delivery(k, p), "nm": nm_delivery, "nm-paper": nm_paper_delivery}
+    return lbyl.as_method(name), formulas[name]
 
 
 def layer_stats(model, inputs):
@@ -78,8 +92,11 @@ def test_batched_equals_per_neuron_when_rank_deficient(lambda1, lambda2):
 def test_shared_products_give_the_same_delivery_and_loss(resnet20_layers, method, lambda1, lambda2):
     for name, stats in resnet20_layers:
         kept, pruned = select_channels(stats.filters, 0.5)
-        delivery, loss = delivery_and_loss(method, stats, kept, pruned, lambda1, lambda2)
-        expected = delivery_matrix(method, stats, kept, pruned, lambda1, lambda2)
+        solver, formula = method_and_formula(method, lambda1, lambda2)
+        solution = solver.solve(stats, kept, pruned, "identity")
+        delivery, loss = solution.delivery, solution.loss
+        expected = formula(stats, kept, pruned)
+        assert delivery.shape == expected.shape == (len(kept), len(pruned)), name
         expected_loss = restoration_loss(stats, kept, pruned, expected)
         assert relative_difference(delivery, expected) < 1e-8, name
         for term in ("re", "be", "ae"):
@@ -95,7 +112,7 @@ def test_nearly_exact_restoration_keeps_its_tiny_residual():
 
     stats = ProducerStats(filters=torch.cat([kept_filters, combination.T @ kept_filters]))
     kept, pruned = torch.arange(6), torch.arange(6, 9)
-    _, loss = delivery_and_loss("lbyl", stats, kept, pruned)
+    loss = lbyl.LBYL().solve(stats, kept, pruned, "identity").loss
     direct = restoration_loss(stats, kept, pruned, lbyl_delivery(stats, kept, pruned))
     assert loss["re"].max() < 1e-24
     torch.testing.assert_close(loss["re"], direct["re"], rtol=0, atol=1e-26)

@@ -4,10 +4,11 @@ import torch
 from torch import nn
 
 import lbyl
-from lbyl.api import producer_stats
 from lbyl.correction import channel_sums, variance_ratio
-from lbyl.delivery import preactivation_covariance
+from lbyl.covariance import preactivation_covariance
+from lbyl.delivery import lbyl_delivery
 from lbyl.graph import find_groups
+from lbyl.planning import producer_stats
 
 F64 = torch.float64
 
@@ -87,15 +88,15 @@ def test_restore_rescales_the_batchnorm_after_the_consumer():
     model = _two_stage()
     x = torch.randn(1, 3, 8, 8, dtype=F64)
     on, report = lbyl.restore(model, x, 0.5, layers=["0"])
-    off, report_off = lbyl.restore(model, x, 0.5, layers=["0"], variance_correction=False)
+    off, report_off = lbyl.restore(model, x, 0.5, lbyl.LBYL(variance_correction=False), layers=["0"])
     assert report.settings["variance_correction"] is True and report_off.settings["variance_correction"] is False
     group = next(g for g in find_groups(model, x)[0] if g.name == "0")
     stats = producer_stats(group)
     kept = torch.tensor(report.layers[0].kept)
     pruned = torch.tensor([i for i in range(8) if i not in report.layers[0].kept])
-    from lbyl.delivery import delivery_matrix
-
-    delivery = delivery_matrix("lbyl", stats, kept, pruned, input_model="white", activation="relu")
+    # 4 kept filters of 27 weights do not span the input space: the white pre-activation solve
+    delivery = lbyl_delivery(stats, kept, pruned)
+    assert torch.equal(delivery, lbyl.LBYL().delivery(stats, kept, pruned, "relu"))
     expected = variance_ratio(channel_sums(model[3].weight, torch.arange(8)[:, None]), kept, pruned, delivery,
                               preactivation_covariance(stats, "white"))  # fmt: skip
     assert torch.allclose(on[4].running_var, off[4].running_var * expected)

@@ -1,6 +1,7 @@
 """The pipeline: ``plan`` (which channels) -> ``solve`` (a method, per layer) -> ``apply`` (surgery)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Mapping, Sequence
@@ -81,44 +82,65 @@ def restore(
     """
     method, order, inplace = as_method(method), check_choice("order", order, ORDERS), check_bool("inplace", inplace)
     check_model(model)
-    inputs, started = as_inputs(example_inputs), time.perf_counter()
-    target = model if inplace else copy.deepcopy(model)
+    inputs, clock = as_inputs(example_inputs), _Clock()
+    with clock("copy"):
+        target = model if inplace else copy.deepcopy(model)
     params_before = count_params(target)
     with eval_mode(target):
-        traced = _trace(target, inputs)
-        chosen = ratio if isinstance(ratio, Plan) else _make_plan(traced, ratio, kept, criterion, layers, seed)
-        pairs = match_plan(traced.groups, chosen.layers)
-        records = _solve_and_apply(target, traced, pairs, method, order, chosen.criterion)
-        t0 = time.perf_counter()
-        remove_channels(*removal_indices((g, layer.pruned) for g, layer in pairs))
-        macs_after, params_after = recount(traced.tally, target, inputs)
+        with clock("graph"):
+            traced = _trace(target, inputs)
+            chosen = _given_plan(ratio, kept, criterion, layers, seed) or _make_plan(traced, ratio, kept, criterion, layers, seed)
+            pairs = match_plan(traced.groups, chosen.layers)
+        records = _solve_and_apply(target, traced, pairs, method, order, chosen.criterion, clock)
+        with clock("surgery"):
+            remove_channels(*removal_indices((g, layer.pruned) for g, layer in pairs))
+            macs_after, params_after = recount(traced.tally, target, inputs)
     settings = dict(method.settings(), criterion=chosen.criterion, seed=chosen.seed, order=order,
                     ratio=_ratio_setting(ratio, chosen))  # fmt: skip
     report = Report(settings, records, [SkippedRecord(s.name, s.reason) for s in traced.skipped],
-                    int(params_before), int(params_after), int(traced.macs), int(macs_after), time.perf_counter() - started,
-                    {"surgery": time.perf_counter() - t0})  # fmt: skip
+                    int(params_before), int(params_after), int(traced.macs), int(macs_after), clock.total(), clock.parts)  # fmt: skip
     return target, report
 
 
-def _solve_and_apply(target, traced: Traced, pairs, method: Method, order: str, criterion: str) -> list[LayerRecord]:
+class _Clock:
+    """Wall time per named stage; a stage may be timed in several pieces."""
+
+    def __init__(self):
+        self.started, self.parts = time.perf_counter(), {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[stage] = self.parts.get(stage, 0.0) + time.perf_counter() - t0
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def _solve_and_apply(target, traced: Traced, pairs, method: Method, order: str, criterion: str, clock) -> list[LayerRecord]:
     """Per layer: read its statistics, let the method solve, fold the solution into the consumers."""
     reader = _StatsReader([g for g, _ in pairs], order)
     coverage = {}
-    if method.mean_correction:  # border taps of padded consumers read zeros: weight the mean offset by coverage
+    if method.mean_correction and pairs:  # border taps of padded consumers read zeros: weight the mean offset by coverage
         seen = {call.module: tuple(call.in_shape[2:]) for call in traced.tally.calls or ()}
         modules = [c.module for g, _ in pairs for c in g.consumers]
         coverage = padded_conv_coverage(target, traced.inputs, modules, seen)
     records = []
     for group, layer in pairs:
         t0 = time.perf_counter()
-        stats = reader.read(group)
-        device = stats.filters.device
-        kept = torch.tensor(layer.kept, dtype=torch.long, device=device)
-        pruned = torch.tensor(layer.pruned, dtype=torch.long, device=device)
-        solution = method.solve(stats, kept, pruned, group.activation)
-        reader.before_editing(group, pruned)
-        apply_solution(group, kept, pruned, solution, coverage)
-        _check_finite_edit(group, method.name)
+        with clock("delivery"):
+            stats = reader.read(group)
+            device = stats.filters.device
+            kept = torch.tensor(layer.kept, dtype=torch.long, device=device)
+            pruned = torch.tensor(layer.pruned, dtype=torch.long, device=device)
+            solution = method.solve(stats, kept, pruned, group.activation)
+        with clock("surgery"):
+            reader.before_editing(group, pruned)
+            apply_solution(group, kept, pruned, solution, coverage)
+            _check_finite_edit(group, method.name)
         records.append(_record(layer, method, criterion, solution, time.perf_counter() - t0))
     return records
 
@@ -169,12 +191,9 @@ def shrink(model: nn.Module, example_inputs, kept: Mapping[str, Sequence[int]], 
     inputs = as_inputs(example_inputs)
     target = model if check_bool("inplace", inplace) else copy.deepcopy(model)
     groups, _ = find_groups(target, inputs)
-    layers = [PlannedLayer(name, g.channels, list(indices)) for name, indices in kept.items()
-              for g in groups if g.name == name]  # fmt: skip
-    if len(layers) != len(kept):
-        missing = next(n for n in kept if n not in {layer.name for layer in layers})
-        layers.append(PlannedLayer(missing, -1, []))  # match_plan names it in its error
-    pairs = match_plan(groups, layers)
+    layers = [PlannedLayer(name, -1, list(indices)) for name, indices in kept.items()]
+    fix = "the plan was written for another architecture: rebuild the model it was written for, or restore this model again"
+    pairs = match_plan(groups, layers, fix)
     remove_channels(*removal_indices((g, layer.pruned) for g, layer in pairs))
     return target
 
@@ -211,6 +230,17 @@ def _make_plan(traced: Traced, ratio, kept, criterion, layers, seed) -> Plan:
     skipped = [SkippedRecord(s.name, s.reason) for s in traced.skipped]
     return Plan(planned, skipped, [g.name for g in traced.groups], criterion_name(criterion), seed,
                 macs_before=int(traced.macs))  # fmt: skip
+
+
+def _given_plan(ratio, kept, criterion, layers, seed) -> Plan | None:
+    if not isinstance(ratio, Plan):
+        return None
+    extra = [name for name, value, default in (("kept", kept, None), ("layers", layers, None),
+             ("criterion", criterion, "l2"), ("seed", seed, 0)) if value != default]  # fmt: skip
+    if extra:
+        raise ValueError(f"a Plan already fixes the channels of every layer; drop {'= / '.join(extra)}= "
+                         "(or make the plan with them: lbyl.plan(model, inputs, ...))")  # fmt: skip
+    return ratio
 
 
 def _ratio_setting(ratio, chosen: Plan):

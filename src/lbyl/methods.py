@@ -64,7 +64,7 @@ class Method:
         delivery = self.delivery(stats, kept, pruned, activation)
         if not isinstance(delivery, torch.Tensor) or tuple(delivery.shape) != (len(kept), len(pruned)):
             raise ValueError(
-                f"method {self.name!r} returned a delivery of shape {getattr(delivery, 'shape', None)}; "
+                f"method {self.name!r} returned a delivery of shape {tuple(getattr(delivery, 'shape', ()))}; "
                 f"it must be a tensor of shape (kept, pruned) = ({len(kept)}, {len(pruned)})"
             )
         delivery = delivery.to(torch.float64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,7 +50,12 @@ class PlannedLayer:
 
 @dataclass
 class Plan:
-    """The layers to prune and their kept channels, the skipped layers and the predicted size."""
+    """The layers to prune and their kept channels, the skipped layers and the predicted size.
+
+    The predicted size is that of the pruned architecture; a restoration may add
+    a bias to a consumer that has neither a bias nor a BatchNorm (the mean
+    correction), one parameter per output channel of that consumer.
+    """
 
     layers: list[PlannedLayer]
     skipped: list[SkippedRecord] = field(default_factory=list)
@@ -246,24 +251,23 @@ def _planned(group: RestorableGroup, kept: list[int], ratio: float | None) -> Pl
                         group.activation, ratio)  # fmt: skip
 
 
-def match_plan(groups, layers: list[PlannedLayer]) -> list[tuple[RestorableGroup, PlannedLayer]]:
-    """Pair each planned layer with this model's group of that name; errors name the mismatch."""
+MAKE_A_NEW_PLAN = "the plan was made for another architecture: make a new plan for this model"
+
+
+def match_plan(groups, layers: list[PlannedLayer], fix: str = MAKE_A_NEW_PLAN):
+    """Pair each planned layer with this model's group of that name (kept channels sorted);
+    errors name the mismatch and end with ``fix``."""
     by_name = {g.name: g for g in groups}
     pairs = []
     for layer in layers:
         group = by_name.get(layer.name)
         if group is None:
             raise ValueError(
-                f"the plan names layer {layer.name!r}, which is not a restorable layer of this model "
-                f"(restorable layers: {', '.join(by_name) or 'none'}); the plan was made for another "
-                "architecture: make a new plan for this model"
+                f"plan names layer {layer.name!r}, which is not a restorable layer of this model "
+                f"(restorable layers: {', '.join(by_name) or 'none'}); {fix}"
             )
-        if group.channels != layer.channels:
-            raise ValueError(
-                f"the plan says {layer.name!r} has {layer.channels} channels, the model has {group.channels}: "
-                "the plan was made for another model; make a new plan for this one"
-            )
-        check_kept(layer.name, layer.kept, group.channels)
-        pairs.append((group, layer))
+        if layer.channels >= 0 and group.channels != layer.channels:
+            raise ValueError(f"plan says {layer.name!r} has {layer.channels} channels, the model has {group.channels}; {fix}")
+        pairs.append((group, replace(layer, channels=group.channels, kept=check_kept(layer.name, layer.kept, group.channels))))
     order = {g.name: i for i, g in enumerate(groups)}
     return sorted(pairs, key=lambda pair: order[pair[0].name])
