@@ -1,9 +1,9 @@
 """Running the CIFAR-10 benchmark: load a checkpoint, restore it with :func:`lbyl.restore`,
-evaluate it, append the row."""
+evaluate it, append the row (:func:`execute`) or only hand it back (:func:`measured`, for ``--verify``)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +15,15 @@ from lbyl.sweep import subset
 
 from .cifar10_plan import CHECKPOINTS, Run, fmt
 from .cifar10_store import append_layers, append_row
+
+
+def check_assets(assets: Path, plan: Sequence[Run]) -> None:
+    """Raise FileNotFoundError when the test set, the lossless samples or a checkpoint of ``plan`` is absent."""
+    needed = [assets / "cifar10-jpeg" / "test_jpg.tar.gz", assets / "cifar-lossless-samples"]
+    needed += [assets / CHECKPOINTS[label].path for label in dict.fromkeys(r.label for r in plan)]
+    absent = [str(p) for p in needed if not p.exists()]
+    if absent:
+        raise FileNotFoundError(f"shared assets missing: {', '.join(absent)} (set --assets-root or LBYL_ASSETS)")
 
 
 class EvalData:
@@ -96,8 +105,9 @@ def restored(model, arch: str, run: Run, row: dict, data: EvalData, log) -> tupl
     return result, fields, layers
 
 
-def execute_one(run: Run, model, out: Path, data: EvalData, defaults: Mapping, commit: str, batch_size: int, log):
-    """Run one benchmark point on the loaded ``model`` and append its row (and layer records)."""
+def measure(run: Run, model, data: EvalData, defaults: Mapping, commit: str, batch_size: int, log):
+    """Run one benchmark point on the loaded ``model``: its CSV row and its per-layer records
+    (None for a baseline). Writes nothing."""
     ckpt = CHECKPOINTS[run.label]
     images, labels = data.subset(run.images)
     row = dict(
@@ -115,27 +125,25 @@ def execute_one(run: Run, model, out: Path, data: EvalData, defaults: Mapping, c
     with torch.inference_mode():
         accuracy = evaluate(evaluated, images, labels, batch_size=batch_size)
     row.update(accuracy=accuracy, eval_seconds=time.perf_counter() - started, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    if layers is not None:
-        append_layers(out / "layers.jsonl", row["key"], layers)
-    append_row(out / "results.csv", row)
     if run.kind == "baseline":
         log(
             f"{run.label}: lossless samples {row['lossless']}/{len(data.sample_labels)}, "
             f"JPEG test top-1 {accuracy:.2f}% on {len(labels):,} images"
         )
+    return row, layers
 
 
-def execute(
+def measured(
     runs: Sequence[Run],
-    out: Path,
     assets: Path,
     defaults: Mapping,
     commit: str,
     progress: bool = True,
     batch_size: int = 1000,
     log=print,
-) -> None:
-    """Run ``runs`` (already filtered to the missing ones), one checkpoint in memory at a time."""
+) -> Iterator[tuple[Run, dict, list[dict] | None]]:
+    """Run ``runs``, one checkpoint in memory at a time, yielding ``(run, row, layers)`` as each ends
+    (nothing is written)."""
     if not runs:
         return
     data = EvalData(assets)
@@ -153,9 +161,27 @@ def execute(
                 loaded[r.label] = load_weights(build_model(ckpt.arch), assets / ckpt.path, spec=ckpt.arch).eval()
             if bar is not None:
                 bar.set_postfix_str(f"{r.label} {r.kind} r={fmt(r.ratio)} {r.method}/{r.criterion or '-'}")
-            execute_one(r, loaded[r.label], out, data, defaults, commit, batch_size, log)
+            yield (r, *measure(r, loaded[r.label], data, defaults, commit, batch_size, log))
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
+
+
+def execute(
+    runs: Sequence[Run],
+    out: Path,
+    assets: Path,
+    defaults: Mapping,
+    commit: str,
+    progress: bool = True,
+    batch_size: int = 1000,
+    log=print,
+) -> None:
+    """Run ``runs`` (already filtered to the missing ones) and append each row (and its layer records)
+    as soon as it ends."""
+    for _, row, layers in measured(runs, assets, defaults, commit, progress, batch_size, log):
+        if layers is not None:
+            append_layers(out / "layers.jsonl", row["key"], layers)
+        append_row(out / "results.csv", row)

@@ -11,7 +11,10 @@ with each method and evaluated. Results go to ``--out``:
 - ``layers.jsonl``: the per-layer RE/BE/AE of every run;
 - ``summary.md`` and ``*.png``: tables and plots made from the CSV
   (``--report-only`` remakes them, and ``--doc`` writes ``docs/benchmarks.md``);
-- ``machine.json``: the machine and library versions of the last run.
+- ``machine.json``: the machine and library versions of the last run;
+- ``verify.md``: with ``--verify``, tracked rows recomputed (the CSV is not written) and
+  compared with the CSV (:mod:`benchmarks.cifar10_verify`); the exit status is 1 when an
+  accuracy, parameter or MAC count differs.
 
 A run is a method object (:func:`lbyl.as_method` of its name, some options
 overridden). The key of a run holds every setting that changes its result, with
@@ -22,7 +25,8 @@ methods once, for changes that the settings do not show.
 
 Modules: :mod:`benchmarks.cifar10_plan` (runs and keys), :mod:`benchmarks.cifar10_store`
 (CSV, JSONL, machine), :mod:`benchmarks.cifar10_execute` (restore and evaluate),
-:mod:`benchmarks.cifar10_report` and :mod:`benchmarks.cifar10_sections` (the report).
+:mod:`benchmarks.cifar10_report` and :mod:`benchmarks.cifar10_sections` (the report),
+:mod:`benchmarks.cifar10_verify` (``--verify``).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from pathlib import Path
 
 from .cifar10_plan import (
     CHECKPOINTS, DEFAULT_OUT, LAMBDA1_GRID, LAMBDA2_GRID, METHODS, ORACLE_LIMIT, PAPER_LAMBDAS, RATIOS, SMOKE, Run,
-    build_plan, method_defaults, oracle_best_runs,
+    build_plan, fmt, method_defaults, oracle_best_runs,
 )  # fmt: skip
 from .cifar10_report import COMMAND, report_sections, write_report
 from .cifar10_store import COLUMNS, drop_methods, git_commit, latest_by_key, lock, machine_info, read_layers, read_rows
@@ -74,6 +78,14 @@ def _methods(text: str) -> list[str]:
     return values
 
 
+def _ratios(text: str) -> list[float]:
+    values = _float_list(text)
+    bad = [fmt(v) for v in values if fmt(v) not in {fmt(r) for r in RATIOS}]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown ratio(s) {', '.join(bad)}; choose from {', '.join(map(fmt, RATIOS))}")
+    return values
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options."""
     parser.add_argument("--config", choices=("full", "smoke"), default="full",
@@ -95,6 +107,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerun", type=_methods, metavar="M,M",
                         help="drop the existing rows of these methods once and recompute them (when the library "
                         "changed in a way the settings do not show); omit it when resuming")  # fmt: skip
+    parser.add_argument("--verify", action="store_true",
+                        help="recompute the tracked main runs (criterion L2, at their recorded image count) "
+                        "selected by --checkpoints, --ratios and --methods WITHOUT writing to the CSV, compare "
+                        "accuracy, params, MACs and RE/BE/AE with their rows, write OUT/verify.md; exit 1 when "
+                        "accuracy, params or MACs differ")  # fmt: skip
+    parser.add_argument("--ratios", type=_ratios, metavar="X,Y", help="--verify: only these ratios (default all)")
+    parser.add_argument("--methods", type=_methods, metavar="M,M", help="--verify: only these methods (default all)")
     parser.add_argument("--report-only", action="store_true", help="only remake the tables, plots (and --doc) from the CSV")
     parser.add_argument("--doc", metavar="PATH", help="also write this Markdown document (e.g. docs/benchmarks.md), images in its img/")
     parser.add_argument("--threads", type=_positive, default=2, help="torch threads (default 2)")
@@ -112,22 +131,14 @@ def _checkpoints(text: str | None) -> list[str] | None:
     return labels
 
 
-def _check_assets(assets: Path, plan: Sequence[Run]) -> None:
-    needed = [assets / "cifar10-jpeg" / "test_jpg.tar.gz", assets / "cifar-lossless-samples"]
-    needed += [assets / CHECKPOINTS[label].path for label in dict.fromkeys(r.label for r in plan)]
-    absent = [str(p) for p in needed if not p.exists()]
-    if absent:
-        raise FileNotFoundError(f"shared assets missing: {', '.join(absent)} (set --assets-root or LBYL_ASSETS)")
-
-
 def _compute(args: argparse.Namespace, plan: Sequence[Run], out: Path, defaults: dict, log) -> None:
     """Run what the CSV lacks, re-scoring each lambda grid's best point as soon as the grid is complete."""
     from lbyl.data import assets_root
 
-    from .cifar10_execute import execute
+    from .cifar10_execute import check_assets, execute
 
     assets = assets_root(args.assets_root)
-    _check_assets(assets, plan)
+    check_assets(assets, plan)
     with lock(out):
         if args.rerun:
             log(f"--rerun: dropped {drop_methods(out, args.rerun)} rows of {', '.join(args.rerun)}")
@@ -151,17 +162,32 @@ def _compute(args: argparse.Namespace, plan: Sequence[Run], out: Path, defaults:
                 execute([r for r in best if r.key(defaults) not in rows], out, assets, defaults, commit, **options)
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    if args.verify:
+        given = [name for name in ("config", "limit", "oracle", "rerun", "report_only", "doc")
+                 if getattr(args, name) not in (None, False, "full")]  # fmt: skip
+        if given:
+            raise ValueError(f"--verify takes no --{', --'.join(n.replace('_', '-') for n in given)}")
+    elif args.ratios or args.methods:
+        raise ValueError("--ratios and --methods select the rows of --verify")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    _check_options(args)
     torch.set_num_threads(args.threads)
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if args.verify:
+        from .cifar10_verify import verify
+
+        return verify(args, _checkpoints(args.checkpoints) or list(CHECKPOINTS), log)
     out = Path(args.out)
     defaults = method_defaults()
     plan = build_plan(
         args.config, args.limit, args.oracle, args.oracle_limit, args.lambda1_grid, args.lambda2_grid,
         _checkpoints(args.checkpoints),
     )  # fmt: skip
-    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     if not args.report_only:
         _compute(args, plan, out, defaults, log)
     if not (out / "results.csv").is_file():

@@ -7,7 +7,7 @@ import pytest
 
 import lbyl
 from benchmarks import cifar10_resnets as bench
-from benchmarks.cifar10_plan import fmt
+from benchmarks.cifar10_plan import fmt, paper_lambdas
 from lbyl.data import assets_root
 
 
@@ -130,3 +130,92 @@ def test_docs_tables_match_the_tracked_results(tmp_path):
         f"{len(stale)} table lines of docs/benchmarks.md differ from {results}/results.csv, e.g. {stale[0]!r}; "
         "regenerate it: python -m benchmarks.cifar10_resnets --report-only --oracle --doc docs/benchmarks.md"
     )
+
+
+# --verify: the comparison logic on fabricated rows (the real recomputation is not run here)
+
+
+def _row(**changes):
+    row = dict(key="k", label="resnet20-jpeg", kind="main", ratio=0.3, method="nm", criterion="l2",
+               images=10000, accuracy=54.49, params=185992, macs=28505994, re=26.19734, be=30.5, ae=12.25,
+               commit="abc1234")  # fmt: skip
+    return {**row, **changes}
+
+
+def test_verify_compare_detects_mismatches():
+    from benchmarks.cifar10_verify import ERRORS_DIFFER, MATCH, MISMATCH, compare
+
+    old = _row()
+    assert compare(_row(), old)["status"] == MATCH
+    # the accuracy is compared to the 2 decimals reported; RE/BE/AE within 1e-6 relative
+    assert compare(_row(accuracy=54.490000001, re=26.19734 * (1 + 5e-7), ae=12.25 * (1 - 5e-7)), old)["status"] == MATCH
+    worse = compare(_row(accuracy=54.48), old)
+    assert worse["status"] == MISMATCH and worse["differs"] == ["accuracy"]
+    assert compare(_row(params=185993), old)["differs"] == ["params"]
+    assert compare(_row(macs=28505993, be=31.0), old)["differs"] == ["macs", "be"]
+    drift = compare(_row(be=30.5 * (1 + 2e-6)), old)
+    assert drift["status"] == ERRORS_DIFFER and drift["differs"] == ["be"] and drift["be_rel"] > 1e-6
+    assert compare(_row(re=0.0, be=0.0, ae=0.0), _row(re=0.0, be=0.0, ae=0.0))["status"] == MATCH
+    assert compare(_row(ae=float("nan")), old)["status"] == ERRORS_DIFFER
+
+
+def test_verify_selects_current_main_rows():
+    from benchmarks.cifar10_verify import select
+
+    defaults = bench.method_defaults()
+
+    def tracked(label, ratio, method, images=10000, **fields):
+        run = bench.Run(label, "main", ratio, method, "l2", *paper_lambdas(method), images=images)
+        return _row(key=run.key(defaults), label=label, ratio=ratio, method=method, images=images, **fields)
+
+    rows = [
+        tracked("resnet56-jpeg", 0.5, "nm"),
+        tracked("resnet20-jpeg", 0.5, "lbyl", kind="input-model"),  # made as a flip: a main run's key, selected
+        tracked("resnet20-jpeg", 0.3, "lbyl-paper", images=500),  # at its recorded image count
+        tracked("resnet20-jpeg", 0.3, "nm"),
+        _row(key="resnet20-jpeg|main|r=0.3|prune|l2|old-settings", method="prune"),  # another key: not selected
+        tracked("resnet20-jpeg", 0.3, "prune", criterion="l1"),  # another criterion
+        tracked("resnet20", 0.3, "nm"),  # another checkpoint
+        tracked("resnet20-jpeg", 0.4, "nm"),  # another ratio
+    ]
+    labels, methods = ["resnet20-jpeg", "resnet56-jpeg"], ["nm", "lbyl", "lbyl-paper"]
+    pairs, missing = select(rows, defaults, labels, [0.3, 0.5], methods)
+    assert [(r.label, r.ratio, r.method, r.images) for r, _ in pairs] == [
+        ("resnet20-jpeg", 0.3, "nm", 10000), ("resnet20-jpeg", 0.3, "lbyl-paper", 500),
+        ("resnet20-jpeg", 0.5, "lbyl", 10000), ("resnet56-jpeg", 0.5, "nm", 10000),
+    ]  # fmt: skip
+    assert all(row["key"] == run.key(defaults) for run, row in pairs)
+    assert len(missing) == 2 * 2 * 3 - 4
+    assert ("resnet20-jpeg", 0.3, "lbyl") in {(r.label, r.ratio, r.method) for r in missing}
+
+
+def test_verify_mode_writes_the_table_not_the_csv(tmp_path, monkeypatch, capsys):
+    """The whole --verify path with the recomputation replaced by fabricated rows: a mismatch fails
+    the command, verify.md holds the table and the machine, results.csv is untouched."""
+    import benchmarks.cifar10_verify as verify
+    from benchmarks.cifar10_store import rewrite
+
+    defaults = bench.method_defaults()
+    runs = [bench.Run("resnet20-jpeg", "main", 0.3, m, "l2", *paper_lambdas(m)) for m in ("prune", "nm")]
+    rows = [_row(key=r.key(defaults), method=r.method, lossless=20, seed=0) for r in runs]
+    rewrite(tmp_path / "results.csv", rows)
+    before = (tmp_path / "results.csv").read_bytes()
+    argv = ["--verify", "--checkpoints", "resnet20-jpeg", "--ratios", "0.3", "--methods", "prune,nm"]
+    argv += ["--out", str(tmp_path)]
+
+    def fake(recomputed):
+        return lambda runs, *args: iter([dict(r, **recomputed.get(r["method"], {})) for r in rows])
+
+    monkeypatch.setattr(verify, "recompute", fake({}))
+    assert bench.main(argv) == 0
+    assert "2 rows: 2 match" in (tmp_path / "verify.md").read_text()
+    monkeypatch.setattr(verify, "recompute", fake({"nm": dict(accuracy=54.51, params=185990)}))
+    assert bench.main(argv) == 1
+    assert (tmp_path / "results.csv").read_bytes() == before
+    text = (tmp_path / "verify.md").read_text()
+    assert "--verify --checkpoints resnet20-jpeg --ratios 0.3 --methods prune,nm --out" in text
+    assert "torch " in text and "**Machine:**" in text and "abc1234" in text
+    assert "| 54.49 -> 54.51 | 185,992 -> 185,990 |" in text and "MISMATCH (accuracy, params)" in text
+    assert "MISMATCH (accuracy, params)" in capsys.readouterr().out
+    assert bench.main(["--ratios", "0.3"]) == 1  # the filters belong to --verify
+    assert bench.main(["--verify", "--oracle", "--out", str(tmp_path)]) == 1
