@@ -176,7 +176,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import format_table, plot_accuracy, run_sweep, write_csv, write_markdown
+    from .sweep import format_table, run_sweep, write_outputs
 
     model, _ = _load_model(args)
     inputs = _example_inputs(args.model, args.input_shape)
@@ -189,14 +189,11 @@ def cmd_sweep(args) -> int:
         mean=mean, std=std, batch_size=args.batch_size, seed=args.seed, order=args.order,
         layers=_layers(args), model_name=args.model, weights_name=Path(args.weights).name,
     )  # fmt: skip
-    out = Path(args.out)
-    title = f"{args.model} on {data} ({len(labels):,} test images)"
-    write_csv(rows, out / "results.csv")
-    write_markdown(rows, out / "results.md", title=title)
-    plot_accuracy(rows, out / "accuracy.png", title=title)
+    files, note = write_outputs(rows, args.out, f"{args.model} on {data} ({len(labels):,} test images)")
     print(format_table(rows))
-    print(f"\nwrote {out / 'results.csv'}, {out / 'results.md'} and {out / 'accuracy.png'} "
-          f"in {time.perf_counter() - started:.1f} s")  # fmt: skip
+    print(f"\nwrote {', '.join(map(str, files))} in {time.perf_counter() - started:.1f} s")
+    if note:
+        print(note)
     return 0
 
 

@@ -75,26 +75,15 @@ DATASETS: dict[str, DatasetInfo] = {
 # Locations
 
 
-def _repo_root() -> Path:
-    # src/lbyl/data.py -> parents[2] is the directory holding pyproject.toml.
-    return Path(__file__).resolve().parents[2]
-
-
 def assets_root(override: str | os.PathLike | None = None) -> Path:
     """Root of the shared assets: ``override``, else ``$LBYL_ASSETS``, else
-    ``../shared/assets`` next to the repository, else relative to the cwd."""
+    ``../shared/assets`` relative to the current directory (a checkout's root)."""
     if override is not None:
         return Path(override).expanduser().resolve()
     env = os.environ.get("LBYL_ASSETS")
     if env:
         return Path(env).expanduser().resolve()
-    repo_relative = (_repo_root() / ".." / "shared" / "assets").resolve()
-    if repo_relative.is_dir():
-        return repo_relative
-    cwd_relative = (Path.cwd() / ".." / "shared" / "assets").resolve()
-    if cwd_relative.is_dir():
-        return cwd_relative
-    return repo_relative
+    return (Path.cwd() / ".." / "shared" / "assets").resolve()
 
 
 def find_asset(relpath: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:

@@ -17,7 +17,7 @@ import torch
 
 from .data import load_fashion_mnist
 from .models.registry import build_model, example_input, load_weights, model_info
-from .sweep import format_table, plot_accuracy, run_sweep, subset, write_csv, write_markdown
+from .sweep import format_table, run_sweep, subset, write_outputs
 
 __all__ = ["DEMO_MODEL", "DEMO_WEIGHTS", "DEMO_RATIOS", "FAST_RATIOS", "FAST_LIMIT", "demo_weights", "load_demo_model", "run_demo"]
 
@@ -113,18 +113,12 @@ def run_demo(
         weights_name=DEMO_WEIGHTS,
         progress=progress,
     )
-    out = Path(out_dir)
     title = f"{DEMO_MODEL} on FashionMNIST ({len(labels):,} test images)"
-    write_csv(rows, out / "results.csv")
-    write_markdown(rows, out / "results.md", title=title)
-    plot_accuracy(rows, out / "accuracy.png", title=title)
+    files, note = write_outputs(rows, out_dir, title)
     print("", file=stream)
     print(format_table(rows), file=stream)
     print("", file=stream)
-    print(
-        f"wrote {out / 'results.csv'}, {out / 'results.md'} and {out / 'accuracy.png'} "
-        f"in {time.perf_counter() - started:.1f} s",
-        file=stream,
-        flush=True,
-    )
+    print(f"wrote {', '.join(map(str, files))} in {time.perf_counter() - started:.1f} s", file=stream, flush=True)
+    if note:
+        print(note, file=stream, flush=True)
     return rows

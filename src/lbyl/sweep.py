@@ -28,6 +28,7 @@ __all__ = [
     "run_sweep",
     "subset",
     "write_csv",
+    "write_outputs",
     "read_csv",
     "write_markdown",
     "markdown_table",
@@ -168,6 +169,19 @@ def _method_columns(method) -> dict:
     )
 
 
+def write_outputs(rows: Sequence[dict], out: str | os.PathLike, title: str) -> tuple[list[Path], str]:
+    """``results.csv``, ``results.md`` and, if matplotlib is installed, ``accuracy.png`` in ``out``.
+
+    Returns the files written and a note ("" or why the plot is missing)."""
+    out = Path(out)
+    files = [write_csv(rows, out / "results.csv"), write_markdown(rows, out / "results.md", title=title)]
+    try:
+        files.append(plot_accuracy(rows, out / "accuracy.png", title=title))
+    except ImportError as error:
+        return files, f"no plot: {error}"
+    return files, ""
+
+
 def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     """Write rows as CSV with the columns of :data:`FIELDS`."""
     path = Path(path)
@@ -289,8 +303,11 @@ def plot_accuracy(rows: Sequence[dict], path: str | os.PathLike, title: str | No
     The unpruned accuracy is a dashed horizontal line. Drawn with the Agg
     canvas directly, so no display and no global matplotlib state are needed.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("plotting needs matplotlib, an optional dependency: pip install 'lbyl[plot]'") from None
 
     baseline, series = _split(rows)
     fig = Figure(figsize=(6.4, 4.4), dpi=120)
