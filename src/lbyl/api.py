@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 
 from .correction import padded_conv_coverage
-from .counting import MacTally, count_ops_and_params, count_params, counting, recount
-from .counting import _eval_mode as eval_mode
+from .counting import MacTally, count_ops_and_params, count_params, counting, eval_mode, recount
 from .criteria import check_criterion, criterion_name
 from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups, release_trace
 from .methods import Method, as_method

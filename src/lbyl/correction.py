@@ -122,12 +122,12 @@ def padded_conv_coverage(model, inputs, modules, input_sizes: dict | None = None
     sizes = {m: input_sizes[m] for m in convs if input_sizes and m in input_sizes}
     missing = [m for m in convs if m not in sizes]
     if missing:
-        from .counting import _shape_only_forward
+        from .counting import shape_only_forward
 
         record = lambda mod, args, out: sizes.__setitem__(mod, tuple(args[0].shape[2:]))
         hooks = [m.register_forward_hook(record) for m in missing]
         try:
-            _shape_only_forward(model, inputs)
+            shape_only_forward(model, inputs)
         finally:
             for hook in hooks:
                 hook.remove()

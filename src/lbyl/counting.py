@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from fractions import Fraction
 from collections.abc import Callable, Iterator
 
 import torch
@@ -27,7 +26,10 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.utils import op_counter as _tp_counter
 
-__all__ = ["MacTally", "count_macs", "count_ops_and_params", "count_params", "counting", "recount", "supported"]
+__all__ = [
+    "MacTally", "count_macs", "count_ops_and_params", "count_params", "counting", "eval_mode", "recount",
+    "shape_only_forward", "supported",
+]
 
 
 def _numel(shape) -> int:
@@ -81,6 +83,8 @@ _NORMS = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm,
 )
+_PRODUCERS = (*_CONVS, nn.Linear)  # calls whose output channels are a layer's own
+_RESHAPED = (*_PRODUCERS, *_NORMS)  # calls recounted from their layer's current shape
 
 #: MACs of one call, by exact module type (subclasses are not counted, as in the reference)
 FORMULAS: dict[type, Callable] = {
@@ -170,7 +174,7 @@ class MacTally:
         try:
             for call in calls:
                 node, call.input_node = call.input_node, None
-                if not isinstance(call.module, (*_CONVS, nn.Linear, *_NORMS)):
+                if not isinstance(call.module, _RESHAPED):
                     call.sources = _sources(node, producers, memo)
         except _Unresolved:
             self.calls = None
@@ -237,13 +241,20 @@ def _recount(call: _Call) -> int:
         return _numel(shape) // shape[1] * _norm_channels(module) * (2 if module.affine else 1)
     if not call.sources:
         return call.macs
-    kept = {Fraction(_out_channels(m), channels) for m, channels in call.sources}
+    kept = {_reduced(_out_channels(m), channels) for m, channels in call.sources}
     if len(kept) != 1:
         raise RuntimeError(f"the input of a {type(module).__name__} joins layers pruned to different fractions")
-    scaled = call.macs * kept.pop()
-    if scaled.denominator != 1:
+    numerator, denominator = kept.pop()
+    scaled, remainder = divmod(call.macs * numerator, denominator)
+    if remainder:
         raise RuntimeError(f"channel scaling of a {type(module).__name__} is not exact")
-    return int(scaled)
+    return scaled
+
+
+def _reduced(numerator: int, denominator: int) -> tuple[int, int]:
+    """The fraction ``numerator / denominator`` in lowest terms (integers; ``Fraction`` is slow here)."""
+    divisor = math.gcd(numerator, denominator)
+    return numerator // divisor, denominator // divisor
 
 
 @contextlib.contextmanager
@@ -281,7 +292,7 @@ def counting(model: nn.Module, record: bool = False) -> Iterator[MacTally]:
                 tally.calls = None  # cannot follow this call: recount by running the model
                 return
             tally.calls.append(_Call(module, macs, shape, tuple(output.shape[2:]), node))
-            if isinstance(module, (*_CONVS, nn.Linear)) and output.grad_fn is not None:
+            if isinstance(module, _PRODUCERS) and output.grad_fn is not None:
                 channels = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[1]
                 tally._producers[output.grad_fn] = (module, int(channels))
 
@@ -311,7 +322,7 @@ def _as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
-def _shape_only_forward(model: nn.Module, inputs: tuple) -> None:
+def shape_only_forward(model: nn.Module, inputs: tuple) -> None:
     """One forward pass that only its hooks care about: the first sample of each input, no autograd.
 
     Hooks see the shapes of the full inputs except the batch size. (The meta
@@ -324,7 +335,8 @@ def _shape_only_forward(model: nn.Module, inputs: tuple) -> None:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
+    """Eval mode inside the ``with`` block; the model's own train/eval flag is restored after."""
     was_training = model.training
     model.eval()
     try:
@@ -336,7 +348,7 @@ def _eval_mode(model: nn.Module):
 def count_macs(model: nn.Module, example_inputs) -> float:
     """MACs per sample of ``model`` on ``example_inputs``: one forward pass (eval mode, no autograd)."""
     inputs = _as_tuple(example_inputs)
-    with _eval_mode(model), torch.no_grad(), counting(model) as tally:
+    with eval_mode(model), torch.no_grad(), counting(model) as tally:
         model(*inputs)
     return tally.macs
 

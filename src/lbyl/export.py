@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .counting import _eval_mode
+from .counting import eval_mode
 
 __all__ = ["FORMATS", "export_model", "run_exported", "max_difference"]
 
@@ -79,7 +79,7 @@ def export_model(
     if path.is_dir():
         raise ValueError(f"export path {path} is a directory; give a file name such as {path / ('model.' + _suffix(format))}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _eval_mode(model):
+    with eval_mode(model):
         try:
             with torch.no_grad():
                 model(*inputs)
@@ -137,7 +137,7 @@ def run_exported(path: str | os.PathLike, example_input, format: str | None = No
 def max_difference(model: nn.Module, path: str | os.PathLike, example_input, format: str | None = None) -> float:
     """Largest absolute difference between the exported file's output and the model's (eval mode)."""
     inputs = _as_inputs(example_input)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         expected = model(*inputs).detach().cpu()
     actual = run_exported(path, inputs, format)
     if actual.shape != expected.shape:
