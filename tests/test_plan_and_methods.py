@@ -457,7 +457,10 @@ def test_report_condition_is_finite_for_a_well_posed_layer():
     w = g[:, None] * model[0].weight.detach().reshape(8, -1)
     kept = report.layers[0].kept
     values = torch.linalg.eigvalsh(w[kept] @ w[kept].T)
-    assert report.layers[0].condition == pytest.approx(float(values[-1] / values[0]), rel=1e-6)
+    exact = float(values[-1] / values[0])
+    # a well-conditioned system is solved by Cholesky; its condition number comes from power
+    # iterations, whose Rayleigh quotients estimate it from below
+    assert 0.97 * exact <= report.layers[0].condition <= exact * (1 + 1e-9)
     # a larger lambda2 conditions the system better
     _, ridge = lbyl.restore(model, X[:1], 0.5, lbyl.LBYL(lambda2=1.0))
     assert ridge.layers[0].condition < report.layers[0].condition

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .correction import padded_conv_coverage
 from .counting import MacTally, count_ops_and_params, count_params, counting, eval_mode, recount
+from .budget import check_target, predicted_size, ratio_for_budget
 from .criteria import check_criterion, criterion_name
 from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups, release_trace
 from .methods import Method, as_method
@@ -33,22 +34,45 @@ class Traced:
     inputs: tuple
 
 
-def plan(model: nn.Module, example_inputs, ratio=None, *, kept=None, criterion="l2", layers=None, seed: int = 0) -> Plan:
+def plan(
+    model: nn.Module, example_inputs, ratio=None, *, kept=None, target_macs: float | None = None,
+    target_params: float | None = None, criterion="l2", layers=None, seed: int = 0,
+) -> Plan:
     """A dry run: the layers :func:`restore` would prune, the channels each keeps and the predicted size.
 
-    ``ratio``: fraction of channels removed per layer (float in [0, 1)) or ``{layer: ratio}``;
-    ``kept``: ``{layer name: [channel indices]}`` chosen by the caller instead. ``criterion``:
-    ``"l2"``, ``"l1"``, ``"l2gm"``, ``"random"`` (seeded by ``seed``) or a callable
+    Choose the channels with one of: ``ratio``, the fraction removed per layer (float in
+    [0, 1), or ``{layer: ratio}``); ``kept``, ``{layer name: [channel indices]}``; or a budget,
+    ``target_macs`` / ``target_params``, the fraction of the model's MACs / parameters to keep
+    (the smallest uniform ratio over the chosen layers that meets it). ``criterion``: ``"l2"``,
+    ``"l1"``, ``"l2gm"``, ``"random"`` (seeded by ``seed``) or a callable
     ``(filters: Tensor[N, M]) -> scores[N]``, higher kept. ``layers``: see :func:`restore`.
     The model is not modified.
     """
     check_model(model)
     traced = _trace(model, as_inputs(example_inputs))
+    targets = {"macs": check_target("target_macs", target_macs), "params": check_target("target_params", target_params)}
+    targets = {k: v for k, v in targets.items() if v is not None}
+    if targets:
+        ratio = _budget_ratio(model, traced, ratio, kept, targets, criterion, layers, seed)
     result = _make_plan(traced, ratio, kept, criterion, layers, seed)
-    small = shrink(model, traced.inputs, result.kept)
-    result.macs_after, result.params_after = (int(x) for x in count_ops_and_params(small, traced.inputs))
-    result.params_before = count_params(model)
+    result.macs_after, result.params_after = predicted_size(model, traced.groups, result.layers, traced.inputs)
+    result.params_before, result.targets = count_params(model), targets
     return result
+
+
+def _budget_ratio(model, traced: Traced, ratio, kept, targets: dict, criterion, layers, seed) -> float:
+    if ratio is not None or kept is not None or len(targets) != 1:
+        raise ValueError("pass one of ratio=, kept=, target_macs= or target_params=")
+    what, target = next(iter(targets.items()))
+    before = int(traced.macs) if what == "macs" else count_params(model)
+    _make_plan(traced, 0.0, None, criterion, layers, seed)  # the usual errors for the other arguments
+
+    def size_at(candidate: float) -> int:
+        planned = _make_plan(traced, candidate, None, criterion, layers, seed).layers
+        return predicted_size(model, traced.groups, planned, traced.inputs)[0 if what == "macs" else 1]
+
+    channels = [layer.channels for layer in _make_plan(traced, 0.0, None, criterion, layers, seed).layers]
+    return ratio_for_budget(size_at, channels, before, target, what)
 
 
 def restore(

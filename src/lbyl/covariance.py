@@ -73,21 +73,23 @@ def _covariance_terms(stats: ProducerStats) -> tuple[float, torch.Tensor, torch.
     return sigma2, alpha, products
 
 
-def preactivation_covariance(stats: ProducerStats, input_model: str = "bn") -> torch.Tensor:
+def preactivation_covariance(stats: ProducerStats, input_model: str = "bn", gram: torch.Tensor | None = None) -> torch.Tensor:
     """``W' Sigma W'^T`` (N x N): the covariance of the BN outputs under the input model.
 
     ``"bn"``: ``Sigma`` from :func:`input_covariance`, kept in N x N form as
     ``sigma2 W' W'^T + (W' W^T) diag(alpha) (W W'^T)``; ``"white"``, or no BN: ``Sigma = I``.
+    ``gram``: ``W' W'^T`` if the caller has it (not computed twice).
     """
     if input_model not in INPUT_MODELS:
         raise ValueError(f"unknown input_model {input_model!r}; choose one of {', '.join(INPUT_MODELS)}")
     w, _ = scaled_filters(stats)
+    gram = w @ w.T if gram is None else gram
     terms = _covariance_terms(stats) if input_model == "bn" else None
     if terms is None:
-        return w @ w.T
+        return gram
     sigma2, alpha, products = terms
     mixed = bn_affine(stats)[0][:, None] * products  # W' W^T = diag(g) W W^T
-    return sigma2 * (w @ w.T) + (mixed * alpha) @ mixed.T
+    return sigma2 * gram + (mixed * alpha) @ mixed.T
 
 
 def relu_covariance(
@@ -132,13 +134,13 @@ def solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_model: s
     return input_model
 
 
-def channel_covariance(stats: ProducerStats, input_model: str, space: str) -> torch.Tensor:
+def channel_covariance(stats: ProducerStats, input_model: str, space: str, gram: torch.Tensor | None = None) -> torch.Tensor:
     """Covariance of the channels a consumer reads, in the space LBYL was solved in (N x N).
 
     ``space="after-relu"``: of the ReLU outputs, ``z`` Gaussian with means ``beta``
     and the input model's covariance; otherwise of the BN outputs themselves.
     """
-    covariance = preactivation_covariance(stats, input_model)
+    covariance = preactivation_covariance(stats, input_model, gram)
     if space == "after-relu":
         return relu_covariance(stats.bn.beta.to(torch.float64), covariance)
     return covariance

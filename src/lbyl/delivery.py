@@ -174,18 +174,30 @@ RCOND = 1e-10
 def solve_normal_equations(
     matrix: torch.Tensor, rhs: torch.Tensor, rcond: float = RCOND
 ) -> tuple[torch.Tensor, float]:
-    """Solve ``matrix @ X = rhs`` for symmetric PSD ``matrix`` by one eigendecomposition.
+    """Solve ``matrix @ X = rhs`` for symmetric PSD ``matrix``, eigenvalues at most ``rcond``
+    times the largest treated as zero (minimum-norm solution in their directions).
 
-    Directions whose eigenvalue is at most ``rcond`` times the largest are
-    treated as null (minimum-norm solution there), so a nearly singular system
-    (lambdas 0 and two kept filters almost equal) has a bounded solution that
-    varies continuously up to the cut-off, instead of a blow-up before it.
-    Returns ``(X, condition number)``; the condition number is
-    ``largest / smallest eigenvalue`` (``inf`` when singular).
+    So a nearly singular system (lambdas 0 and two kept filters almost equal) has a
+    bounded solution that varies continuously up to the cut-off instead of a blow-up
+    before it. The usual case is certified without an eigendecomposition: with the
+    Cholesky factor ``L``, ``min eig >= 1 / tr(A^-1) = 1 / |L^-1|_F^2`` and
+    ``max eig <= tr(A)``, so ``tr(A) tr(A^-1) < 1 / rcond`` proves that nothing falls
+    below the cut-off and the Cholesky solution is the answer; otherwise the
+    eigendecomposition decides. Returns ``(X, condition number)``: ``max / min``
+    eigenvalue (``inf`` when singular), exact from the eigendecomposition, else from
+    power iterations on ``A`` and ``A^-1`` (an estimate from below).
     """
     if matrix.shape[0] == 0:
         return rhs.new_zeros(rhs.shape), 1.0
-    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    matrix = (matrix + matrix.T) / 2
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)  # A^-1 = Li^T Li
+        if float(matrix.diagonal().sum()) * float((inverse_factor**2).sum()) * rcond < 1:
+            solution = inverse_factor.T @ (inverse_factor @ rhs)
+            return solution, _condition_estimate(matrix, inverse_factor)
+    values, vectors = torch.linalg.eigh(matrix)
     top = float(values[-1])
     if top <= 0:
         return torch.zeros_like(rhs), float("inf")
@@ -196,13 +208,19 @@ def solve_normal_equations(
     return solution, (top / smallest if smallest > 0 else float("inf"))
 
 
-def filter_products(w: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gram matrix ``G = W'_K W'_K^T`` (|K| x |K|) and cross products ``C = W'_K W'_P^T`` (|K| x |P|).
-
-    One matrix product ``W'_K W'^T`` gives both (it costs what the two would).
-    """
-    products = w[kept] @ w.T  # |K| x N
-    return products[:, kept], products[:, pruned]
+def _condition_estimate(matrix: torch.Tensor, inverse_factor: torch.Tensor, iterations: int = 20) -> float:
+    """``max eig / min eig`` of SPD ``matrix`` by power iterations on it and on its inverse."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.rand(matrix.shape[0], generator=generator, dtype=matrix.dtype).to(matrix.device) + 0.5
+    top, inverse_top = start / start.norm(), start / start.norm()
+    for _ in range(iterations):
+        top = matrix @ top
+        top = top / top.norm()
+        inverse_top = inverse_factor.T @ (inverse_factor @ inverse_top)
+        inverse_top = inverse_top / inverse_top.norm()
+    largest = float(top @ (matrix @ top))
+    smallest = float(inverse_top @ (matrix @ inverse_top))
+    return largest / smallest if smallest > 0 else float("inf")
 
 
 def lbyl_system(
@@ -234,12 +252,9 @@ def lbyl_solve(
     white-input products ``W' W'^T`` by those of another metric, e.g. the
     channels' covariance under an input model (:mod:`lbyl.covariance`).
     """
-    if covariance is None:
-        w, b = scaled_filters(stats)
-        gram, cross = filter_products(w, kept, pruned)
-    else:
-        b = bn_affine(stats)[1]
-        gram, cross = covariance[kept][:, kept], covariance[kept][:, pruned]
+    w, b = scaled_filters(stats)
+    covariance = w @ w.T if covariance is None else covariance
+    gram, cross = covariance[kept][:, kept], covariance[kept][:, pruned]
     return solve_normal_equations(*lbyl_system(gram, cross, b, kept, pruned, lambda1, lambda2))
 
 

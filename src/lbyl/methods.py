@@ -14,7 +14,7 @@ import torch
 from .correction import mean_shift
 from .covariance import INPUT_MODELS, channel_covariance, preactivation_covariance, solve_space
 from .delivery import (
-    ProducerStats, filter_products, gcv_lambda2, lbyl_system, nm_delivery, prune_delivery, residual_from_products,
+    ProducerStats, gcv_lambda2, lbyl_system, nm_delivery, prune_delivery, residual_from_products,
     restoration_loss, scaled_filters, solve_normal_equations,
 )  # fmt: skip
 from .validation import check_bool, check_choice, check_nonnegative
@@ -141,14 +141,15 @@ class LBYL(Method):
 
     def solve(self, stats, kept, pruned, activation):
         w, b = scaled_filters(stats)
-        white = filter_products(w, kept, pruned)  # the reported RE is the paper's white-input term
+        gram = w @ w.T  # once: the white metric, the reported RE and the white covariance
+        white = gram[kept][:, kept], gram[kept][:, pruned]  # the reported RE is the paper's white-input term
         space = solve_space(stats, w[kept], self.input_model, activation)
         lambda2 = self.lambda2
         if lambda2 == "auto":
             lambda2 = gcv_lambda2(stats, kept, pruned, self.lambda1) if len(pruned) else 0.0
         covariance = None
         if space != "white" or (self.variance_correction and len(pruned)):
-            covariance = channel_covariance(stats, self.input_model, space)
+            covariance = channel_covariance(stats, self.input_model, space, gram)
         metric = white if space == "white" else (covariance[kept][:, kept], covariance[kept][:, pruned])
         delivery, condition = solve_normal_equations(*lbyl_system(*metric, b, kept, pruned, self.lambda1, lambda2))
         loss = {

@@ -66,6 +66,7 @@ class Plan:
     params_after: int | None = None
     macs_before: int | None = None
     macs_after: int | None = None
+    targets: dict = field(default_factory=dict)  # {"macs" or "params": fraction to keep} of a budget
 
     @property
     def kept(self) -> dict[str, list[int]]:
@@ -104,6 +105,9 @@ class Plan:
                 f"({percent(self.params_after, self.params_before)}), MACs {self.macs_before:,} -> "
                 f"{self.macs_after:,} ({percent(self.macs_after, self.macs_before)})"
             )
+            for what, target in self.targets.items():
+                ratio = self.layers[0].ratio if self.layers else 0.0
+                out.append(f"target: {what} <= {100 * target:.1f}%, met by pruning {100 * ratio:.2f}% of each layer's channels")
         return "\n".join(out)
 
     def __str__(self) -> str:
