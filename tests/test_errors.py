@@ -206,6 +206,53 @@ def custom_method_wrong_shape(tmp_path):
     lbyl.restore(small(), X, 0.25, Everything())
 
 
+def target_out_of_range(tmp_path):
+    lbyl.plan(small(), X, target_macs=1.5)
+
+
+def target_unreachable(tmp_path):
+    lbyl.plan(small(), X, target_params=0.01)
+
+
+def target_and_ratio(tmp_path):
+    lbyl.plan(small(), X, 0.5, target_macs=0.5)
+
+
+class Tiny(nn.Module):
+    def __init__(self, width=6):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn1(self.conv1(x)))).mean(dim=(2, 3))
+
+
+class Tinier(Tiny):
+    pass
+
+
+def own_model_folder(tmp_path):
+    small_model, _ = lbyl.restore(Tiny().eval(), torch.randn(1, 3, 8, 8), 0.5)
+    return lbyl.save_restored(small_model, tmp_path / "tiny")
+
+
+def load_without_model(tmp_path):
+    lbyl.load_restored(own_model_folder(tmp_path))
+
+
+def load_with_another_class(tmp_path):
+    lbyl.load_restored(own_model_folder(tmp_path), model=Tinier())
+
+
+def load_with_other_widths(tmp_path):
+    lbyl.load_restored(own_model_folder(tmp_path), model=Tiny(width=4))
+
+
+def save_without_report(tmp_path):
+    lbyl.save_restored(Tiny(), tmp_path / "tiny")
+
+
 def unknown_model(tmp_path):
     build_model("resnet57")
 
@@ -330,7 +377,8 @@ CASES = {f.__name__.replace("_", "-"): f for f in [
     unknown_layer, skipped_layer, unknown_layer_in_ratio_mapping, batchnorm_divides_by_zero, half_precision_overflow,
     unknown_model, inplace_not_bool, seed_not_int, layers_wrong_type, ratio_mapping_with_layers, ratio_and_kept,
     no_ratio, invalid_kept, plan_with_other_choices, plan_for_another_model, method_class_not_object,
-    correction_not_bool, threshold_out_of_range, criterion_wrong_shape, criterion_not_finite, custom_method_wrong_shape,
+    correction_not_bool, threshold_out_of_range, target_out_of_range, target_unreachable, target_and_ratio,
+    load_without_model, load_with_another_class, load_with_other_widths, save_without_report, criterion_wrong_shape, criterion_not_finite, custom_method_wrong_shape,
     unimportable_model, weights_not_found, corrupt_weights, truncated_weights, corrupt_safetensors,
     mismatched_state_dict, wrong_num_classes, pickle_checkpoint, no_state_dict, restored_folder_missing,
     not_a_restored_folder, tampered_weights, plan_from_another_architecture, missing_fashion_mnist,

@@ -47,9 +47,9 @@ def test_round_trip_is_bit_identical(tmp_path, restored_demo):
     # the pruned architecture really is smaller
     assert loaded.conv1.out_channels == 16 and loaded.fc1.in_features == 64 * 9
 
-    assert plan["format_version"] == 1
+    assert plan["format_version"] == 2 and plan["model"]["class"] == "DemoCNN"
     assert plan["lbyl_version"] == lbyl.__version__
-    assert plan["model"] == {"spec": "demo-cnn", "kwargs": {}}
+    assert plan["model"] == {"spec": "demo-cnn", "kwargs": {}, "class": "DemoCNN"}
     assert plan["input_shape"] == [1, 1, 28, 28]
     assert plan["method"] == "lbyl" and plan["settings"]["lambda1"] == 0.1
     assert plan["kept"] == {layer.name: layer.kept for layer in report.layers}
@@ -120,11 +120,14 @@ def test_import_path_spec_needs_and_stores_input_shape(tmp_path):
     model = build_model(spec, num_classes=7).eval()
     x = torch.randn(1, 1, 28, 28)
     restored, report = lbyl.restore(model, x, 0.25)
+    # the report records the shape restore traced with; a report without it (older lbyl) needs input_shape
+    assert report.input_shapes == [[1, 1, 28, 28]]
+    report.input_shapes = []
     with pytest.raises(ValueError, match="input_shape"):
         save_restored(restored, report, tmp_path / "a", spec, model_kwargs={"num_classes": 7})
     save_restored(restored, report, tmp_path / "b", spec, model_kwargs={"num_classes": 7}, input_shape=(1, 1, 28, 28))
     loaded, plan = load_restored(tmp_path / "b")
-    assert plan["model"] == {"spec": spec, "kwargs": {"num_classes": 7}}
+    assert plan["model"] == {"spec": spec, "kwargs": {"num_classes": 7}, "class": "DemoCNN"}
     with torch.no_grad():
         assert torch.equal(loaded(x), restored(x))
     assert loaded.fc2.out_features == 7
@@ -193,7 +196,7 @@ def test_corrupt_safetensors_with_matching_checksum(tmp_path, restored_demo):
         load_restored(tmp_path)
 
 
-@pytest.mark.parametrize("version, hint", [(2, "upgrade lbyl"), (0, "re-create it"), ("1", "re-create it")])
+@pytest.mark.parametrize("version, hint", [(3, "upgrade lbyl"), (0, "re-create it"), ("1", "re-create it")])
 def test_incompatible_format_version(tmp_path, restored_demo, version, hint):
     restored, report = restored_demo
     save_restored(restored, report, tmp_path, "demo-cnn")
@@ -227,3 +230,66 @@ def test_loading_never_unpickles(tmp_path, restored_demo, monkeypatch):
     monkeypatch.setattr(pickle, "Unpickler", refuse)
     loaded, _ = load_restored(tmp_path)
     assert loaded.conv2.out_channels == 32
+
+
+def test_version_1_folders_still_load(tmp_path, restored_demo):
+    """Folders written before the model class was recorded (format 1) load unchanged."""
+    restored, report = restored_demo
+    save_restored(restored, report, tmp_path, "demo-cnn")
+    plan = json.loads((tmp_path / PLAN_FILE).read_text())
+    plan["format_version"] = 1
+    del plan["model"]["class"]
+    (tmp_path / PLAN_FILE).write_text(json.dumps(plan))
+    model, _ = load_restored(tmp_path)
+    for (name, a), b in zip(restored.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+class UserNet(torch.nn.Module):
+    """A class lbyl's registry does not know, as in a notebook."""
+
+    def __init__(self, width=12):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.BatchNorm2d(width)
+        self.conv2, self.head = torch.nn.Conv2d(width, 6, 3, padding=1), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.head(self.conv2(x).mean(dim=(2, 3)))
+
+
+class OtherNet(UserNet):
+    pass
+
+
+def _user_restored(tmp_path):
+    torch.manual_seed(0)
+    net = UserNet().eval()
+    small, report = lbyl.restore(net, torch.randn(1, 3, 8, 8), 0.5)
+    folder = lbyl.save_restored(small, tmp_path / "user")  # no report, no spec: both known from restore
+    return net, small, folder
+
+
+def test_any_model_saved_and_rebuilt_from_a_fresh_instance(tmp_path):
+    net, small, folder = _user_restored(tmp_path)
+    fresh = UserNet()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    again, plan = lbyl.load_restored(folder, model=fresh)
+    assert plan["model"]["spec"] is None and plan["input_shape"] == [1, 3, 8, 8]
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(again(x), small.eval()(x))
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # the instance is not modified
+
+
+def test_any_model_errors(tmp_path):
+    _, _, folder = _user_restored(tmp_path)
+    with pytest.raises(ValueError, match=r"saved without a model spec.*model=UserNet\(\.\.\.\)"):
+        lbyl.load_restored(folder)
+    with pytest.raises(ValueError, match="is an instance of OtherNet, but the folder holds a restored UserNet"):
+        lbyl.load_restored(folder, model=OtherNet())
+    with pytest.raises(ValueError, match="model= does not match the saved plan"):
+        lbyl.load_restored(folder, model=UserNet(width=4))
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        lbyl.load_restored(folder, model="UserNet")
+    with pytest.raises(ValueError, match="no report is known for this model"):
+        lbyl.save_restored(UserNet(), tmp_path / "x")

@@ -17,7 +17,7 @@ from .criteria import check_criterion, criterion_name
 from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups, release_trace
 from .methods import Method, as_method
 from .planning import Plan, PlannedLayer, match_plan, plan_layers, producer_stats
-from .report import LayerRecord, Report, SkippedRecord
+from .report import LayerRecord, Report, SkippedRecord, attach_report
 from .surgery import apply_solution, remove_channels, removal_indices
 from .validation import all_finite, as_inputs, check_bool, check_choice, check_int, check_layers, check_model
 from .validation import check_selection
@@ -82,6 +82,8 @@ def restore(
     method: str | Method = "lbyl",
     *,
     kept: Mapping[str, Sequence[int]] | None = None,
+    target_macs: float | None = None,
+    target_params: float | None = None,
     criterion="l2",
     layers: str | Sequence[str] | None = None,
     seed: int = 0,
@@ -93,6 +95,8 @@ def restore(
     ``ratio``: fraction of output channels removed per layer in [0, 1), a mapping
     ``{layer name or glob: ratio}`` (other layers stay whole), or a :class:`Plan` from
     :func:`plan`. ``kept``: ``{layer name: [channel indices]}`` instead of a ratio.
+    ``target_macs`` / ``target_params``: a budget instead, the fraction of the MACs /
+    parameters to keep (see :func:`plan`; the report gives the values reached).
     ``method``: a method object (:class:`lbyl.LBYL`, :class:`lbyl.NeuronMerging`,
     :class:`lbyl.Prune`, ``lbyl.paper.*``) or a shortcut for its defaults: ``"lbyl"``,
     ``"nm"``, ``"prune"``, ``"lbyl-paper"``, ``"nm-paper"``. ``criterion``, ``seed``: see
@@ -106,6 +110,11 @@ def restore(
     method, order, inplace = as_method(method), check_choice("order", order, ORDERS), check_bool("inplace", inplace)
     check_model(model)
     inputs, clock = as_inputs(example_inputs), _Clock()
+    if target_macs is not None or target_params is not None:
+        with clock("graph"):  # the budget is planned on the caller's model (read only)
+            ratio = plan(model, inputs, ratio, kept=kept, target_macs=target_macs, target_params=target_params,
+                         criterion=criterion, layers=layers, seed=seed)  # fmt: skip
+        kept, criterion, layers, seed = None, "l2", None, 0
     with clock("copy"):
         target = model if inplace else copy.deepcopy(model)
     params_before = count_params(target)
@@ -119,9 +128,11 @@ def restore(
             remove_channels(*removal_indices((g, layer.pruned) for g, layer in pairs))
             macs_after, params_after = recount(traced.tally, target, inputs)
     settings = dict(method.settings(), criterion=chosen.criterion, seed=chosen.seed, order=order,
-                    ratio=_ratio_setting(ratio, chosen))  # fmt: skip
+                    ratio=_ratio_setting(ratio, chosen), **{f"target_{k}": v for k, v in chosen.targets.items()})  # fmt: skip
     report = Report(settings, records, [SkippedRecord(s.name, s.reason) for s in traced.skipped],
-                    int(params_before), int(params_after), int(traced.macs), int(macs_after), clock.total(), clock.parts)  # fmt: skip
+                    int(params_before), int(params_after), int(traced.macs), int(macs_after), clock.total(), clock.parts,
+                    [list(x.shape) for x in inputs])  # fmt: skip
+    attach_report(target, report)
     return target, report
 
 

@@ -176,6 +176,23 @@ def _add_restore_args(parser: argparse.ArgumentParser) -> None:
                         "default); sequential: each layer sees the edits of the layers before it")  # fmt: skip
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a fraction in (0, 1]")
+    return value
+
+
+def _add_budget_args(group) -> None:
+    group.add_argument("--target-macs", type=_fraction, metavar="F",
+                       help="keep at most this fraction of the MACs (e.g. 0.6): the smallest uniform ratio that meets it")  # fmt: skip
+    group.add_argument("--target-params", type=_fraction, metavar="F",
+                       help="keep at most this fraction of the parameters (e.g. 0.6)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lbyl`` command."""
     from .criteria import CRITERIA
@@ -225,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--ratio", type=_ratio, metavar="R", help="fraction of channels removed per layer, in [0, 1)")
     which.add_argument("--plan", metavar="FILE", help="a plan written by 'lbyl plan --out FILE' (possibly edited)")
+    _add_budget_args(which)
     p.add_argument("--method", choices=METHODS, default="lbyl", metavar="M", help=f"one of {', '.join(METHODS)} (default lbyl)")
     p.add_argument("--criterion", choices=CRITERIA, default="l2", metavar="C", help=f"one of {', '.join(CRITERIA)} (default l2)")
     _add_restore_args(p)
@@ -244,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  lbyl plan --model resnet56 --weights resnet56.th --ratio 0.3 --out r56-plan.json\n",
     )
     _add_model_args(p)
-    p.add_argument("--ratio", type=_ratio, required=True, metavar="R", help="fraction of channels removed per layer, in [0, 1)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ratio", type=_ratio, metavar="R", help="fraction of channels removed per layer, in [0, 1)")
+    _add_budget_args(which)
     p.add_argument("--criterion", choices=CRITERIA, default="l2", metavar="C", help=f"one of {', '.join(CRITERIA)} (default l2)")
     p.add_argument("--layers", nargs="+", metavar="PATTERN", help="as for 'lbyl restore'")
     p.add_argument("--seed", type=int, default=0, help="seed for --criterion random (default 0)")

@@ -114,8 +114,9 @@ def cmd_restore(args) -> int:
         chosen, options = Plan.from_json(Path(args.plan)), {}
         status(f"restoring {args.model}: plan {args.plan}, {method!r} ...")
     else:
-        chosen, options = args.ratio, dict(criterion=args.criterion, layers=_layers(args), seed=args.seed)
-        status(f"restoring {args.model}: ratio {args.ratio:g}, {method!r}, criterion {args.criterion} ...")
+        chosen, options = args.ratio, dict(criterion=args.criterion, layers=_layers(args), seed=args.seed,
+                                           target_macs=args.target_macs, target_params=args.target_params)  # fmt: skip
+        status(f"restoring {args.model}: {_amount(args)}, {method!r}, criterion {args.criterion} ...")
     restored, report = restore(model, inputs, chosen, method, order=args.order, **options)
     print(report.table())
     out = save_restored(
@@ -126,12 +127,21 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def _amount(args) -> str:
+    if args.target_macs is not None:
+        return f"MAC budget {args.target_macs:g}"
+    if args.target_params is not None:
+        return f"parameter budget {args.target_params:g}"
+    return f"ratio {args.ratio:g}"
+
+
 def cmd_plan(args) -> int:
     from .api import plan
 
     model, _ = _load_model(args)
     result = plan(model, _example_inputs(args.model, args.input_shape), args.ratio, criterion=args.criterion,
-                  layers=_layers(args), seed=args.seed)  # fmt: skip
+                  layers=_layers(args), seed=args.seed, target_macs=args.target_macs,
+                  target_params=args.target_params)  # fmt: skip
     print(result.table())
     if args.out is not None:
         result.to_json(args.out)

@@ -14,6 +14,7 @@ weights strictly after checking their checksum.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .api import shrink
-from .report import Report
+from .report import Report, report_of
 
 __all__ = [
     "FORMAT",
@@ -41,7 +42,8 @@ __all__ = [
 ]
 
 FORMAT = "lbyl-restored"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 adds the model class and allows no spec
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
@@ -67,23 +69,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _input_shape(spec: str, input_shape) -> list[int]:
+def _input_shape(spec: str | None, input_shape, report: Report) -> list[int]:
     if input_shape is not None:
         return [int(d) for d in input_shape]
+    if report.input_shapes:
+        return list(report.input_shapes[0])
     from .models.registry import example_input, model_info
 
-    if model_info(spec) is None:
-        raise ValueError(
-            f"no input shape is known for model spec {spec!r}; pass input_shape=(1, C, H, W) to save_restored"
-        )
+    if spec is None or model_info(spec) is None:
+        raise ValueError(f"no input shape is known for model spec {spec!r}; pass input_shape=(1, C, H, W) to save_restored")
     return list(example_input(spec).shape)
 
 
 def save_restored(
     model: nn.Module,
-    report: Report,
-    out_dir: str | os.PathLike,
-    spec: str,
+    out_dir,
+    report: Report | None = None,
+    spec: str | None = None,
     model_kwargs: Mapping | None = None,
     source_weights: str | os.PathLike | None = None,
     *,
@@ -91,28 +93,32 @@ def save_restored(
 ) -> Path:
     """Write ``model.safetensors``, ``plan.json`` and ``report.json`` into ``out_dir``.
 
-    ``spec`` and ``model_kwargs`` must rebuild the *unpruned* model with
-    ``build_model(spec, **model_kwargs)``. ``source_weights`` (the checkpoint
-    the model was restored from) is only hashed, for provenance.
-    ``input_shape`` is needed only for ``package.module:factory`` specs.
-    Returns the folder.
+    ``model`` is a model returned by :func:`lbyl.restore` (its report is found
+    automatically; pass ``report`` for one restored elsewhere). ``spec`` and
+    ``model_kwargs`` (optional) rebuild the *unpruned* model with
+    ``build_model(spec, **model_kwargs)``, so that ``load_restored(folder)`` needs
+    nothing else; without a spec, ``load_restored(folder, model=YourNet())`` rebuilds it
+    from a fresh instance of your class. ``source_weights`` (the checkpoint the model
+    was restored from) is only hashed, for provenance. Returns the folder.
+    The older order ``save_restored(model, report, out_dir, spec, ...)`` is accepted too.
     """
-    from safetensors.torch import save_file
-
+    if isinstance(out_dir, Report):  # save_restored(model, report, out_dir, spec, model_kwargs, source_weights)
+        out_dir, report = report, out_dir
+    report = report if report is not None else report_of(model)
+    if report is None:
+        raise ValueError(
+            "no report is known for this model: pass the report that lbyl.restore returned, "
+            "save_restored(model, folder, report)"
+        )
     kwargs = dict(model_kwargs or {})
     try:
         json.dumps(kwargs)
     except TypeError as error:
         raise ValueError(f"model_kwargs must be JSON-serialisable to be stored in the plan: {error}") from None
-    shape = _input_shape(spec, input_shape)
+    shape = _input_shape(spec, input_shape, report)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    # safetensors refuses shared or strided storage: store contiguous CPU copies
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    weights_path = out / WEIGHTS_FILE
-    save_file(state, str(weights_path), metadata={"format": "pt", "lbyl": _version()})
-
+    weights_path = _write_weights(model, out)
     source = None
     if source_weights is not None:
         source_path = Path(source_weights)
@@ -123,7 +129,7 @@ def save_restored(
         "format_version": FORMAT_VERSION,
         "lbyl_version": _version(),
         "torch_version": torch.__version__,
-        "model": {"spec": spec, "kwargs": kwargs},
+        "model": {"spec": spec, "kwargs": kwargs, "class": type(model).__qualname__},
         "input_shape": shape,
         "method": settings.get("method"),
         "settings": settings,
@@ -135,6 +141,16 @@ def save_restored(
     # the plan is written last: a folder without one was not written completely
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
     return out
+
+
+def _write_weights(model: nn.Module, out: Path) -> Path:
+    from safetensors.torch import save_file
+
+    # safetensors refuses shared or strided storage: store contiguous CPU copies
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    path = out / WEIGHTS_FILE
+    save_file(state, str(path), metadata={"format": "pt", "lbyl": _version()})
+    return path
 
 
 def read_plan(out_dir: str | os.PathLike) -> dict:
@@ -157,11 +173,11 @@ def read_plan(out_dir: str | os.PathLike) -> dict:
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         raise RestoredFormatError(f"{path} is not an lbyl plan (missing \"format\": \"{FORMAT}\")")
     version = plan.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         hint = "upgrade lbyl" if isinstance(version, int) and version > FORMAT_VERSION else "re-create it"
         raise RestoredFormatError(
-            f"{path} has format version {version!r}, but this lbyl ({_version()}) reads version "
-            f"{FORMAT_VERSION} only; {hint}"
+            f"{path} has format version {version!r}, but this lbyl ({_version()}) reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} only; {hint}"
         )
     missing = [k for k in ("model", "input_shape", "kept", "weights") if k not in plan]
     if missing:
@@ -195,17 +211,17 @@ def _add_created_biases(model: nn.Module, state: Mapping[str, torch.Tensor]) -> 
             module.bias = nn.Parameter(torch.zeros_like(value, dtype=module.weight.dtype))
 
 
-def load_restored(out_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
+def load_restored(out_dir: str | os.PathLike, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a restored model from its folder; returns ``(model in eval mode, plan)``.
 
-    Raises :class:`RestoredFormatError` (a ``ValueError``) if a file is
-    missing or corrupt, the checksum does not match, or the plan's format
-    version is not supported.
+    ``model``: a fresh instance of the *unpruned* architecture (e.g. ``MyNet()``, your own
+    class); needed when the folder was saved without a registry spec, and it is
+    copied, not modified. Raises :class:`RestoredFormatError` (a ``ValueError``) if a
+    file is missing or corrupt, the checksum does not match, or the plan's format
+    version is not supported; a ``ValueError`` if ``model`` does not match the plan.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from .models.registry import build_model
 
     folder = Path(out_dir)
     plan = read_plan(folder)
@@ -219,23 +235,51 @@ def load_restored(out_dir: str | os.PathLike) -> tuple[nn.Module, dict]:
             f"checksum mismatch for {weights_path}: plan says {expected}, file has {actual}. "
             "The weights were changed or corrupted after the plan was written; run 'lbyl restore' again."
         )
-
-    spec = plan["model"]["spec"]
-    model = build_model(spec, **plan["model"].get("kwargs", {}))
-    model.eval()
+    built = _unpruned(plan, model)
     # shrink() only traces the graph, so any input of the right shape works
     example = torch.zeros(plan["input_shape"])
-    model = shrink(model, example, plan["kept"], inplace=True)
+    try:
+        built = shrink(built, example, plan["kept"], inplace=True)
+    except ValueError as error:
+        if model is None:
+            raise
+        raise ValueError(f"model= does not match the saved plan: {error}") from None
     try:
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
         raise RestoredFormatError(f"{weights_path} is not a readable safetensors file: {error}") from None
-    _add_created_biases(model, state)
+    _add_created_biases(built, state)
     try:
-        model.load_state_dict(state, strict=True)
+        built.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise RestoredFormatError(
-            f"{weights_path} does not fit the architecture rebuilt from {PLAN_FILE}: {error}"
-        ) from None
-    model.eval()
-    return model, plan
+        if model is not None:
+            raise ValueError(
+                f"model= ({type(model).__qualname__}) does not fit the saved weights: {error}. Pass a fresh "
+                "instance of the architecture that was restored, built with the same arguments"
+            ) from None
+        raise RestoredFormatError(f"{weights_path} does not fit the architecture rebuilt from {PLAN_FILE}: {error}") from None
+    built.eval()
+    return built, plan
+
+
+def _unpruned(plan: dict, model: nn.Module | None) -> nn.Module:
+    """The unpruned model to shrink: a copy of ``model``, or the one the plan's spec builds."""
+    from .models.registry import build_model
+
+    saved_class = plan["model"].get("class")
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model= must be a torch.nn.Module (a fresh instance of your class), got {type(model).__name__}")
+        if saved_class is not None and type(model).__qualname__ != saved_class:
+            raise ValueError(
+                f"model= is an instance of {type(model).__qualname__}, but the folder holds a restored {saved_class}; "
+                f"pass a fresh {saved_class}(...)"
+            )
+        return copy.deepcopy(model).eval()
+    spec = plan["model"].get("spec")
+    if spec is None:
+        raise ValueError(
+            f"this folder was saved without a model spec (a {saved_class or 'model'} of your own): pass a fresh "
+            f"instance of the unpruned architecture, load_restored(folder, model={saved_class or 'MyNet'}(...))"
+        )
+    return build_model(spec, **plan["model"].get("kwargs", {})).eval()

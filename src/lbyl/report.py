@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class Report:
     macs_after: int
     seconds: float
     timings: dict = field(default_factory=dict)
+    input_shapes: list = field(default_factory=list)  # shapes of the example inputs restore traced with
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,10 +90,26 @@ class Report:
             f"MACs {self.macs_before:,} -> {self.macs_after:,} "
             f"({percent(self.macs_after, self.macs_before)}), {self.seconds:.2f} s"
         )
+        for what, after, before in (("macs", self.macs_after, self.macs_before), ("params", self.params_after, self.params_before)):
+            target = self.settings.get(f"target_{what}")
+            if target is not None:
+                out.append(f"target {what} <= {100 * target:.1f}%: reached {percent(after, before)}")
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.table()
+
+
+_REPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def attach_report(model, report: "Report") -> None:
+    """Remember the report of a restored model (for :func:`lbyl.save_restored`); no attribute is set on it."""
+    _REPORTS[model] = report
+
+
+def report_of(model) -> "Report | None":
+    return _REPORTS.get(model)
 
 
 def format_table(header, rows) -> str:
