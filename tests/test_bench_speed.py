@@ -30,7 +30,10 @@ def test_benchmark_writes_markdown_and_json(tmp_path, capsys):
     assert speed.main(argv) == 0
     data = json.loads((tmp_path / "speed.json").read_text())
     [row] = data["models"][0]["ratios"]
-    assert set(row["restore"]["median"]) >= {"wall", "graph", "delivery", "surgery", "other"}
+    median = row["restore"]["median"]
+    assert set(median) >= {"wall", "copy", "graph", "delivery", "surgery", "other", "forward", "restore_over_forward"}
+    assert median["restore_over_forward"] == pytest.approx(median["wall"] / median["forward"])
+    assert row["restore"]["forward_batch"] == 8 and len(row["restore"]["samples"]) == 1
     assert row["delivery"]["max_relative_difference"] < 1e-8
     assert row["delivery"]["reference_neurons"] < row["delivery"]["pruned_neurons"]
     assert 0 < row["mac_ratio"] < 1
@@ -38,7 +41,7 @@ def test_benchmark_writes_markdown_and_json(tmp_path, capsys):
     if sys.platform == "linux":
         assert row["memory"]["inplace"]["peak_extra_bytes"] >= 0, row["memory"]
     markdown = (tmp_path / "speed.md").read_text()
-    assert "## Restore wall time" in markdown and "resnet20" in markdown
+    assert "## Restore wall time" in markdown and "resnet20" in markdown and "restore / forward" in markdown
     assert capsys.readouterr().out.strip() == markdown.strip()
 
 

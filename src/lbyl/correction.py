@@ -105,10 +105,13 @@ def variance_ratio(
     becomes ``u_K + u_P S^T`` over the kept channels. Outputs with no variance
     before keep ratio 1.
     """
-    sums, covariance = sums.to(torch.float64), covariance.to(torch.float64)
-    before = ((sums @ covariance) * sums).sum(dim=1)
-    after_sums = sums[:, kept] + sums[:, pruned] @ delivery.to(torch.float64).T
-    after = ((after_sums @ covariance[kept][:, kept]) * after_sums).sum(dim=1)
+    sums, covariance, delivery = sums.to(torch.float64), covariance.to(torch.float64), delivery.to(torch.float64)
+    projected = sums @ covariance  # U C, shared by both variances
+    before = (projected * sums).sum(dim=1)
+    after_sums = sums[:, kept] + sums[:, pruned] @ delivery.T
+    # U' C_KK = (U C)_K - U_P (C_PK - S^T C_KK): the small residual term replaces a second out x K x K product
+    residual = covariance[pruned][:, kept] - delivery.T @ covariance[kept][:, kept]
+    after = ((projected[:, kept] - sums[:, pruned] @ residual) * after_sums).sum(dim=1)
     return torch.where(before > 0, after / before.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(before))
 
 

@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -50,6 +47,8 @@ from ..delivery import lbyl_delivery
 from ..graph import find_groups
 from ..models.registry import build_model, model_info
 from .reference import lbyl_delivery_per_neuron
+from .speed_report import format_markdown
+from .latency import compare_latency, example, median, onnxruntime_module, ort_runner, timed, torch_runner
 
 DEFAULT_MODELS = ("resnet56", "resnet34", "resnet50", "resnet101", "vgg16-bn-imagenet")
 DEFAULT_RATIOS = (0.1, 0.3, 0.5)
@@ -95,10 +94,6 @@ def benchmark_model(spec: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...
     return realistic_batchnorm(model, calibration, seed=seed), shape
 
 
-def example(shape: tuple[int, ...], batch: int = 1) -> torch.Tensor:
-    return torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0))
-
-
 def tensor_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers."""
     tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
@@ -106,16 +101,6 @@ def tensor_bytes(model: nn.Module) -> int:
 
 
 # --- timing helpers ---------------------------------------------------------------------------
-
-
-def _median(values):
-    return statistics.median(values) if values else None
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
 
 
 def _load_average() -> list[float] | None:
@@ -146,20 +131,35 @@ def machine() -> dict:
 # --- restoration time ---------------------------------------------------------------------------
 
 
-def time_restore(model, inputs, ratio, repeats: int) -> tuple[dict, nn.Module, object]:
-    """Median wall time of ``restore`` and of its report's parts over ``repeats`` calls."""
+def time_restore(model, inputs, ratio, repeats: int, forward_batch: int = 8) -> tuple[dict, nn.Module, object]:
+    """Median wall time of ``restore`` and of its report's parts over ``repeats`` calls, each call
+    alternating with one no-grad forward pass of the original model at ``forward_batch`` (side by
+    side in this process, so both see the same machine state); ``forward_batch=0`` skips it."""
     samples = []
     restored = report = None
+    batch = example(tuple(inputs.shape[1:]), forward_batch) if forward_batch else None
+    if batch is not None:
+        _forward(model, batch)  # warm-up
     for _ in range(repeats):
         restored = report = None
         gc.collect()
-        wall, (restored, report) = _timed(lambda: restore(model, inputs, ratio, method="lbyl"))
+        wall, (restored, report) = timed(lambda: restore(model, inputs, ratio, method="lbyl"))
         parts = {k: float(v) for k, v in report.timings.items()}
         parts["other"] = wall - sum(parts.values())
+        if batch is not None:
+            gc.collect()
+            parts["forward"] = timed(lambda: _forward(model, batch))[0]
         samples.append({"wall": wall, **parts})
     keys = samples[0].keys()
-    summary = {k: _median([s[k] for s in samples]) for k in keys}
-    return {"median": summary, "samples": samples}, restored, report
+    summary = {k: median([s[k] for s in samples]) for k in keys}
+    if batch is not None:
+        summary["restore_over_forward"] = summary["wall"] / summary["forward"]
+    return {"median": summary, "samples": samples, "forward_batch": forward_batch}, restored, report
+
+
+def _forward(model, batch):
+    with torch.no_grad():
+        model.eval()(batch)
 
 
 # --- delivery matrices: batched against per neuron ---------------------------------------------
@@ -203,7 +203,7 @@ def compare_delivery(
     def per_neuron():
         columns, seconds = [], 0.0
         for (_, s, k, p), i, scale in zip(problems, samples, scales):
-            t, result = _timed(lambda: lbyl_delivery_per_neuron(s, k, p[i], lambda1, lambda2))
+            t, result = timed(lambda: lbyl_delivery_per_neuron(s, k, p[i], lambda1, lambda2))
             columns.append(result)
             seconds += t * scale
         return seconds, columns
@@ -212,7 +212,7 @@ def compare_delivery(
     fast_result = slow_result = None
     for i in range(max(repeats, reference_repeats)):
         if i < repeats:
-            seconds, fast_result = _timed(batched)
+            seconds, fast_result = timed(batched)
             fast.append(seconds)
         if i < reference_repeats:
             seconds, slow_result = per_neuron()
@@ -229,10 +229,10 @@ def compare_delivery(
         "layers": len(problems),
         "pruned_neurons": sum(len(p) for *_, p in problems),
         "reference_neurons": sum(len(i) for i in samples),
-        "batched_s": _median(fast),
-        "per_neuron_s": _median(slow),
+        "batched_s": median(fast),
+        "per_neuron_s": median(slow),
         "per_neuron_extrapolated": any(scale != 1 for scale in scales),
-        "speedup": _median(slow) / _median(fast),
+        "speedup": median(slow) / median(fast),
         "max_relative_difference": worst,
         "worst_layer": worst_layer,
         "batched_samples": fast,
@@ -284,69 +284,6 @@ def measure_memory(spec: str, ratio: float, inplace: bool, seed: int, threads: i
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-# --- latency ------------------------------------------------------------------------------------
-
-
-def _torch_runner(model):
-    def run(x):
-        with torch.inference_mode():
-            model(x)
-
-    return run
-
-
-def compare_latency(runners: dict, inputs: torch.Tensor, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds per call of each runner on ``inputs``, calls alternating between runners."""
-    for _ in range(warmup):
-        for run in runners.values():
-            run(inputs)
-    samples = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            seconds, _ = _timed(lambda: run(inputs))
-            samples[name].append(seconds)
-    return {name: {"median_s": _median(s), "samples": s} for name, s in samples.items()}
-
-
-def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    return onnxruntime
-
-
-def _ort_runner(model, shape, folder: Path, name: str, threads: int):
-    """An ONNX Runtime session for ``model`` (exported with a dynamic batch axis), as a runner."""
-    ort = _onnxruntime()
-    path = folder / f"{name}.onnx"
-    with warnings_silenced():
-        torch.onnx.export(
-            model, (example(shape),), str(path), input_names=["x"], output_names=["y"],
-            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False,
-        )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # like OMP_WAIT_POLICY=PASSIVE for torch: no spinning threads on shared cores
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run(x):
-        session.run(None, {"x": x.numpy()})
-
-    return run
-
-
-@contextlib.contextmanager
-def warnings_silenced():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 # --- the benchmark ------------------------------------------------------------------------------
 
 
@@ -355,13 +292,13 @@ def run_model(spec: str, args) -> dict:
     model, shape = benchmark_model(spec, args.seed)
     inputs = example(shape)
     result = {"model": spec, "input_shape": list(shape), "model_bytes": tensor_bytes(model), "ratios": []}
-    ort = _onnxruntime() if not args.no_onnx else None
+    ort = onnxruntime_module() if not args.no_onnx else None
     with tempfile.TemporaryDirectory() as tmp:
         original_ort = {}
         for ratio in args.ratios:
             row = {"ratio": ratio}
             _say(f"{spec} @ {ratio}: restore x{args.repeats}")
-            row["restore"], restored, report = time_restore(model, inputs, ratio, args.repeats)
+            row["restore"], restored, report = time_restore(model, inputs, ratio, args.repeats, args.forward_batch)
             row["macs_before"], row["macs_after"] = report.macs_before, report.macs_after
             row["params_before"], row["params_after"] = report.params_before, report.params_after
             row["mac_ratio"] = report.macs_after / report.macs_before
@@ -386,13 +323,13 @@ def run_model(spec: str, args) -> dict:
                     break
                 _say(f"{spec} @ {ratio}: latency at batch {batch} x{args.latency_repeats}")
                 x = example(shape, batch)
-                runners = {"original": _torch_runner(model), "restored": _torch_runner(restored)}
+                runners = {"original": torch_runner(model), "restored": torch_runner(restored)}
                 if ort is not None:
                     try:
                         if batch not in original_ort:
-                            original_ort[batch] = _ort_runner(model, shape, Path(tmp), f"original-{batch}", args.threads)
+                            original_ort[batch] = ort_runner(model, shape, Path(tmp), f"original-{batch}", args.threads)
                         runners["ort_original"] = original_ort[batch]
-                        runners["ort_restored"] = _ort_runner(restored, shape, Path(tmp), f"restored-{ratio}-{batch}", args.threads)
+                        runners["ort_restored"] = ort_runner(restored, shape, Path(tmp), f"restored-{ratio}-{batch}", args.threads)
                     except Exception as error:  # export or session problems: report, keep the torch numbers
                         row.setdefault("onnx_error", f"{type(error).__name__}: {error}")
                 times = compare_latency(runners, x, args.latency_repeats)
@@ -409,125 +346,6 @@ def run_model(spec: str, args) -> dict:
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-# --- output -------------------------------------------------------------------------------------
-
-
-def _mb(n):
-    return "n/a" if n is None else f"{n / 2**20:.1f}"
-
-
-def _s(x, digits=3):
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def _ms(x):
-    return "n/a" if x is None else f"{1000 * x:.1f}"
-
-
-def format_markdown(data: dict) -> str:
-    m = data["machine"]
-    lines = [
-        "# lbyl speed benchmark",
-        "",
-        f"- command: `{data['command']}`",
-        f"- machine: {m['nproc']} CPU cores ({m['cpu']}), torch {m['torch']} with {m['torch_threads']} threads, "
-        f"Python {m['python']}, OMP_WAIT_POLICY={m.get('omp_wait_policy')}",
-        f"- load average at start / end: {data['load_start']} / {data['load_end']}",
-        f"- date: {data['date']}; medians of {data['settings']['repeats']} runs "
-        f"(per-neuron reference: {data['settings']['reference_repeats']}; latency: "
-        f"{data['settings']['latency_repeats']} alternating calls after one warm-up)",
-        "- models: random weights; BatchNorm gamma ~ U(0.5, 1.5), beta ~ N(0, 0.04), running statistics "
-        "measured on random inputs; method `lbyl`, criterion `l2`, lambdas 0, default layers",
-        "",
-        "## Restore wall time (seconds)",
-        "",
-        "`graph`: dependency trace (the only forward pass) and group detection; `delivery`: producer statistics, "
-        "channel selection, delivery matrices and loss terms; `surgery`: folding into consumers and channel "
-        "removal; `other`: validation, deep copy, parameter/MAC counts.",
-        "",
-        "| model | ratio | total | graph | delivery | surgery | other |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for model in data["models"]:
-        for row in model["ratios"]:
-            t = row["restore"]["median"]
-            lines.append(
-                f"| {model['model']} | {row['ratio']} | {_s(t['wall'])} | {_s(t.get('graph'))} | "
-                f"{_s(t.get('delivery'))} | {_s(t.get('surgery'))} | {_s(t.get('other'))} |"
-            )
-    if any("delivery" in row for model in data["models"] for row in model["ratios"]):
-        lines += [
-            "",
-            "## Delivery matrices: one factorisation per layer against one least-squares solve per neuron",
-            "",
-            "All pruned layers of the model; relative difference: `max |A - B| / max |B|`, worst layer. "
-            "Per-neuron times marked * are extrapolated from the neurons solved (column `solved`): "
-            "each layer's time is scaled by its pruned / solved neurons.",
-            "",
-            "| model | ratio | layers | pruned neurons | solved | batched (s) | per neuron (s) | speed-up | max rel. difference |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for model in data["models"]:
-            for row in model["ratios"]:
-                d = row.get("delivery")
-                if d:
-                    lines.append(
-                        f"| {model['model']} | {row['ratio']} | {d['layers']} | {d['pruned_neurons']} | "
-                        f"{d['reference_neurons']} | {_s(d['batched_s'])} | "
-                        f"{_s(d['per_neuron_s'], 2)}{'*' if d['per_neuron_extrapolated'] else ''} | {d['speedup']:.0f}x | "
-                        f"{d['max_relative_difference']:.1e} |"
-                    )
-    if any("memory" in row for model in data["models"] for row in model["ratios"]):
-        lines += [
-            "",
-            "## Peak extra memory of one restore call (MiB)",
-            "",
-            "Rise of the resident set size during the call, in a fresh process. `copy`: the default "
-            "(`inplace=False`, so it includes the deep copy that becomes the result); `inplace`: the "
-            "restoration's own working memory.",
-            "",
-            "| model | ratio | model size | restored size | peak extra (copy) | peak extra (inplace) |",
-            "|---|---|---|---|---|---|",
-        ]
-        for model in data["models"]:
-            for row in model["ratios"]:
-                mem = row.get("memory")
-                if mem:
-                    lines.append(
-                        f"| {model['model']} | {row['ratio']} | {_mb(model['model_bytes'])} | "
-                        f"{_mb(row['restored_bytes'])} | {_mb(mem['copy'].get('peak_extra_bytes'))} | "
-                        f"{_mb(mem['inplace'].get('peak_extra_bytes'))} |"
-                    )
-    if any(row.get("latency") for model in data["models"] for row in model["ratios"]):
-        lines += [
-            "",
-            "## CPU latency, original against restored (milliseconds per batch)",
-            "",
-            "Latency ratio = restored / original; gap = latency ratio / MAC ratio - 1.",
-            "",
-            "| model | ratio | batch | original | restored | latency ratio | MAC ratio | gap | ORT original | ORT restored | ORT ratio |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for model in data["models"]:
-            for row in model["ratios"]:
-                for batch, e in row.get("latency", {}).items():
-                    gap = e["latency_ratio"] / row["mac_ratio"] - 1
-                    ort = e.get("ort_original"), e.get("ort_restored")
-                    lines.append(
-                        f"| {model['model']} | {row['ratio']} | {batch} | {_ms(e['original']['median_s'])} | "
-                        f"{_ms(e['restored']['median_s'])} | {e['latency_ratio']:.3f} | {row['mac_ratio']:.3f} | "
-                        f"{100 * gap:+.1f}% | {_ms(ort[0]['median_s']) if ort[0] else 'n/a'} | "
-                        f"{_ms(ort[1]['median_s']) if ort[1] else 'n/a'} | "
-                        f"{_s(e.get('ort_latency_ratio'))} |"
-                    )
-        errors = {m["model"]: r["onnx_error"] for m in data["models"] for r in m["ratios"] if "onnx_error" in r}
-        for name, error in errors.items():
-            lines.append(f"\nONNX Runtime not measured for {name}: {error}")
-        if not data["onnxruntime"]:
-            lines.append("\nONNX Runtime: not installed (optional: `pip install onnxruntime onnx`).")
-    return "\n".join(lines) + "\n"
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -558,6 +376,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="ratios whose restored models are timed (default: all of --ratios)")  # fmt: skip
     parser.add_argument("--latency-repeats", type=int, default=5, metavar="N", help="timed forward calls per model (default 5; 0 skips latency)")
     parser.add_argument("--batches", type=_csv(int), default=[1, 32], metavar="B,B", help="latency batch sizes (default 1,32)")
+    parser.add_argument("--forward-batch", type=int, default=8, metavar="B",
+                        help="time one forward pass of the original model at this batch beside each restore (default 8; 0 skips)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, metavar="T", help="torch (and ONNX Runtime) threads (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--no-reference", action="store_true", help="skip the per-neuron comparison")
@@ -585,7 +405,7 @@ def run(args, argv_text: str) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "load_start": _load_average(),
         "settings": {k: v for k, v in vars(args).items() if k != "memory_child"},
-        "onnxruntime": _onnxruntime() is not None and not args.no_onnx,
+        "onnxruntime": onnxruntime_module() is not None and not args.no_onnx,
         "models": [],
     }
     out = Path(args.out)
