@@ -11,7 +11,7 @@ import torch
 import lbyl
 from lbyl.data import evaluate, load_cifar10, load_lossless_samples, normalize
 from lbyl.models import build_model, example_input, load_weights, model_info
-from lbyl.sweep import subset
+from lbyl.sweep import result_row, subset
 
 from .cifar10_plan import CHECKPOINTS, Run, fmt
 from .cifar10_store import append_layers, append_row
@@ -88,16 +88,11 @@ def restored(model, arch: str, run: Run, row: dict, data: EvalData, log) -> tupl
         log(f"warning: {row['key']} ran with mean_correction={effective}")
         row["bias_correction"] = fmt(bool(effective))
     lam2 = [layer.lambda2 for layer in report.layers]
-    fields = dict(
-        params=report.params_after,
-        macs=report.macs_after,
-        re=sum(layer.re for layer in report.layers),
-        be=sum(layer.be for layer in report.layers),
-        ae=sum(layer.ae for layer in report.layers),
-        lossless=data.lossless_count(result),
-        layer_lambda2_mean=sum(lam2) / len(lam2) if lam2 else "",
-        restore_seconds=seconds,
-    )
+    # the columns every sweep has (lbyl.sweep.FIELDS), as the library computes them; the method's
+    # option columns keep the benchmark's own key format (see cifar10_plan.Run)
+    shared = result_row(report, run.method_object(), seconds)
+    fields = {k: shared[k] for k in ("params", "macs", "re", "be", "ae", "restore_seconds")}
+    fields.update(lossless=data.lossless_count(result), layer_lambda2_mean=sum(lam2) / len(lam2) if lam2 else "")
     layers = [
         dict(name=x.name, before=x.channels_before, after=x.channels_after, re=x.re, be=x.be, ae=x.ae, lambda2=x.lambda2)
         for x in report.layers

@@ -219,3 +219,11 @@ def test_verify_mode_writes_the_table_not_the_csv(tmp_path, monkeypatch, capsys)
     assert "MISMATCH (accuracy, params)" in capsys.readouterr().out
     assert bench.main(["--ratios", "0.3"]) == 1  # the filters belong to --verify
     assert bench.main(["--verify", "--oracle", "--out", str(tmp_path)]) == 1
+
+
+def test_one_results_schema_for_sweeps_and_benchmarks():
+    """Every column a sweep writes is a column of the benchmark CSV, with the same meaning."""
+    from benchmarks.cifar10_store import COLUMNS
+    from lbyl.sweep import FIELDS
+
+    assert set(FIELDS) <= set(COLUMNS)
