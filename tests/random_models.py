@@ -7,7 +7,8 @@ it); :func:`build` turns it into a model with seeded random weights.
   ``("conv", out, bn, pool, bias)`` (Conv -> optional BN -> ReLU -> optional
   max/avg pool; ``bias``: whether the conv has one) and ``("res", out, bn, stride)`` (a basic residual block whose
   shortcut is the identity when ``out`` equals its input channels and stride is
-  1, a 1x1 projection otherwise); ``head`` is ``("gap", hidden)`` (global
+  1, a 1x1 projection otherwise) and ``("cat", out, bn)`` (two Conv -> optional BN branches
+  concatenated along channels, then ReLU: ``2 * out`` channels); ``head`` is ``("gap", hidden)`` (global
   average pool) or ``("flatten", hidden)``, with ``hidden`` the width of an
   extra Linear -> ReLU layer (0 for none).
 - ``("mlp", in_features, widths, bn)``: Linear -> (BN) -> ReLU layers of
@@ -41,6 +42,17 @@ class Residual(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+class Concat(nn.Module):
+    def __init__(self, c_in, c_out, bn):
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if bn else (lambda c: nn.Identity())
+        self.a, self.bn_a = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not bn), norm(c_out)
+        self.b, self.bn_b = nn.Conv2d(c_in, c_out, 1, bias=not bn), norm(c_out)
+
+    def forward(self, x):
+        return torch.relu(torch.cat([self.bn_a(self.a(x)), self.bn_b(self.b(x))], dim=1))
+
+
 def _cnn(in_channels, size, stages, head):
     layers, c, s = [], in_channels, size
     for stage in stages:
@@ -54,6 +66,9 @@ def _cnn(in_channels, size, stages, head):
             if pool and s >= 2:
                 layers.append(nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2))
                 s //= 2
+        elif kind == "cat":
+            layers.append(Concat(c, out, bn))
+            out = 2 * out
         else:
             stride = stage[3] if s >= 2 else 1
             layers.append(Residual(c, out, bn, stride))

@@ -40,11 +40,15 @@ def _settings(examples):
 widths = st.sampled_from([1, 2, 3, 7, 8])
 conv_stage = st.tuples(st.just("conv"), widths, st.booleans(), st.sampled_from([None, "max", "avg"]), st.booleans())
 res_stage = st.tuples(st.just("res"), widths, st.booleans(), st.sampled_from([1, 2]))
+cat_stage = st.tuples(st.just("cat"), widths, st.booleans())
 cnn_specs = st.tuples(
     st.just("cnn"),
     st.sampled_from([1, 3]),
     st.sampled_from([1, 4, 5, 8]),
-    st.lists(st.one_of(conv_stage, res_stage), min_size=1, max_size=3).map(tuple),
+    # a concatenation read through a flatten couples its branches in Torch-Pruning's index mapping
+    # (both skipped, docs/method.md section 8): a conv after a final one keeps a restorable layer
+    st.lists(st.one_of(conv_stage, res_stage, cat_stage), min_size=1, max_size=3)
+    .map(lambda stages: (*stages, ("conv", 3, True, None, False)) if stages[-1][0] == "cat" else tuple(stages)),
     st.tuples(st.sampled_from(["gap", "flatten"]), st.sampled_from([0, 3, 5])),
 )
 mlp_specs = st.tuples(
@@ -91,13 +95,14 @@ def _finite(model):
     variance_correction=st.booleans(),
     input_model=st.sampled_from(INPUT_MODELS),
     damage=st.lists(st.sampled_from(DAMAGE), max_size=2),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
 )
 def test_restore_never_breaks(
     spec, seed, ratio, method, criterion, lambda1, lambda2, layers, order, mean_correction, variance_correction,
-    input_model, damage,
+    input_model, damage, dtype,
 ):  # fmt: skip
-    model = build(spec, seed=seed, damage=damage)
-    x = example_input(spec, batch=3, seed=seed)
+    model = build(spec, seed=seed, damage=damage, dtype=dtype)
+    x = example_input(spec, batch=3, seed=seed, dtype=dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     method = make_method(method, lambda1, lambda2, input_model, mean_correction=mean_correction,
                          variance_correction=variance_correction)  # fmt: skip
@@ -106,7 +111,7 @@ def test_restore_never_breaks(
     )  # fmt: skip
     with torch.no_grad():
         reference, out = model(x), restored(x)
-    assert out.shape == reference.shape
+    assert out.shape == reference.shape and out.dtype == dtype
     assert torch.isfinite(out).all()
     assert _finite(restored)
     # the caller's model is untouched
