@@ -472,7 +472,7 @@ def _to_argv(args: argparse.Namespace) -> list[str]:
 def register_cli(subparsers):
     """Add ``bench speed`` to the ``lbyl`` command (``subparsers`` from ``add_subparsers``);
     returns the ``bench`` group so that other benchmarks can join it."""
-    bench = subparsers.add_parser("bench", help="benchmarks (speed, CIFAR-10 accuracy)", description="Benchmarks of lbyl.")
+    bench = subparsers.add_parser("bench", help="the speed benchmark (the accuracy benchmarks live in the repository's benchmarks/)", description="Benchmarks of lbyl.")
     kinds = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     speed = kinds.add_parser("speed", help="restore time, memory and latency of restored models",
                              description=build_parser().description)  # fmt: skip
