@@ -232,6 +232,21 @@ class Tinier(Tiny):
     pass
 
 
+class EditsItsParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 2, 1)
+        self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
+
+    def forward(self, x):
+        self.scale.mul_(1.0)  # fine for inference; autograd refuses it, so the model cannot be traced
+        return self.conv2(torch.relu(self.conv1(x))) * self.scale
+
+
+def model_not_traceable(tmp_path):
+    lbyl.restore(EditsItsParameter().eval(), torch.randn(1, 3, 10, 10), 0.5)
+
+
 def own_model_folder(tmp_path):
     small_model, _ = lbyl.restore(Tiny().eval(), torch.randn(1, 3, 8, 8), 0.5)
     return lbyl.save_restored(small_model, tmp_path / "tiny")
@@ -378,7 +393,7 @@ CASES = {f.__name__.replace("_", "-"): f for f in [
     unknown_model, inplace_not_bool, seed_not_int, layers_wrong_type, ratio_mapping_with_layers, ratio_and_kept,
     no_ratio, invalid_kept, plan_with_other_choices, plan_for_another_model, method_class_not_object,
     correction_not_bool, threshold_out_of_range, target_out_of_range, target_unreachable, target_and_ratio,
-    load_without_model, load_with_another_class, load_with_other_widths, save_without_report, criterion_wrong_shape, criterion_not_finite, custom_method_wrong_shape,
+    model_not_traceable, load_without_model, load_with_another_class, load_with_other_widths, save_without_report, criterion_wrong_shape, criterion_not_finite, custom_method_wrong_shape,
     unimportable_model, weights_not_found, corrupt_weights, truncated_weights, corrupt_safetensors,
     mismatched_state_dict, wrong_num_classes, pickle_checkpoint, no_state_dict, restored_folder_missing,
     not_a_restored_folder, tampered_weights, plan_from_another_architecture, missing_fashion_mnist,

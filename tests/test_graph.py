@@ -95,7 +95,7 @@ def test_concat_positions_come_from_offsets():
 @pytest.mark.parametrize(
     "middle, reason",
     [
-        (nn.Sequential(nn.BatchNorm2d(6), nn.SiLU()), "activation Silu"),
+        (nn.Sequential(nn.BatchNorm2d(6), nn.Softmax(dim=1)), "not an element-wise activation"),
         (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(6)), "after the activation"),
         (nn.Sequential(nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, groups=6)), "depthwise"),
     ],

@@ -2,7 +2,9 @@
 
 A BatchNorm output ``z_i = gamma_i * xhat_i + beta_i`` has, under its running
 statistics, mean ``beta_i`` and standard deviation ``|gamma_i|``. Modelling it
-as Gaussian gives ``E[relu(z_i)]`` in closed form, without data. After pruning,
+as Gaussian gives ``E[f(z_i)]`` without data, for any element-wise activation
+``f`` (:mod:`lbyl.activations`: closed form for ReLU, quadrature where there is
+none). After pruning,
 the consumer misses ``sum_j V[:, j] * (E f(z_j) - sum_k S[k, j] E f(z_k))`` on
 average; adding that constant to the consumer's output removes the mean shift.
 """
@@ -12,6 +14,8 @@ import math
 
 import torch
 
+from . import activations
+from .activations import Activation
 from .delivery import ProducerStats
 
 
@@ -26,24 +30,27 @@ def expected_relu(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return torch.where(std > 0, std * pdf + mean * cdf, mean.clamp_min(0))
 
 
-def expected_activation(stats: ProducerStats, activation: str) -> torch.Tensor | None:
+def expected_activation(stats: ProducerStats, activation: Activation | str) -> torch.Tensor | None:
     """Expected output of every channel after the activation, or None without BatchNorm.
 
-    Without BN nothing describes the channel's distribution, so no correction is made.
+    ``E[f(z)]`` for ``z ~ N(beta, gamma^2)``; a PReLU's per-channel slopes follow the
+    channels. Without BN nothing describes the channel's distribution, so no correction is made.
     """
     if stats.bn is None:
         return None
+    activation = activations.as_activation(activation)
     mean, std = stats.bn.beta.to(torch.float64), stats.bn.gamma.to(torch.float64).abs()
     if activation == "relu":
         return expected_relu(mean, std)
     if activation == "identity":
         return mean
-    raise ValueError(f"no mean model for activation {activation!r}")
+    return activations.mean(activation, mean, std)
 
 
 def mean_shift(
-    stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor, delivery: torch.Tensor, activation: str
-) -> torch.Tensor | None:
+    stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor, delivery: torch.Tensor,
+    activation: Activation | str,
+) -> torch.Tensor | None:  # fmt: skip
     """``E f(z_j) - sum_k S[k, j] E f(z_k)`` per pruned channel (None without BatchNorm)."""
     expected = expected_activation(stats, activation)
     if expected is None:

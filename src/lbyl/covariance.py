@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .activations import as_activation
 from .delivery import ProducerStats, bn_affine, scaled_filters
 
 INPUT_MODELS = ("white", "bn")
@@ -117,7 +118,7 @@ def relu_covariance(
     return second / samples - torch.outer(average, average)
 
 
-def solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_model: str, activation: str) -> str:
+def solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_model: str, activation) -> str:
     """Where LBYL measures a pruned channel's error for this layer.
 
     ``"white"`` (the paper's filter distance), ``"bn"`` (the input covariance from
@@ -125,11 +126,13 @@ def solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_model: s
     model's covariance, when the kept filters span the input space and a BN and a
     ReLU follow: every filter is then rebuilt exactly before the ReLU, that loss is
     zero and cannot tell solutions apart, so the activation error alone decides).
-    ``kept_filters`` are the kept BN-scaled filters.
+    ``kept_filters`` are the kept BN-scaled filters. ``activation``: an
+    :class:`lbyl.activations.Activation` or its name; only a ReLU has the post-activation
+    solve, every other activation keeps the pre-activation one.
     """
     if stats.bn is None:
         return "white"
-    if activation == "relu" and spans_input_space(kept_filters):
+    if as_activation(activation).name == "relu" and spans_input_space(kept_filters):
         return "after-relu"
     return input_model
 

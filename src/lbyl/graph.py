@@ -9,7 +9,9 @@ layers) follows from the rule alone.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -17,18 +19,20 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
 
+from .activation_nodes import NOT_ELEMENTWISE, UnsupportedActivation, is_activation, read_activation
+from .activations import Activation
+
 #: layer types whose output channels lbyl prunes and whose input channels it edits
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 # autograd node names (prefixes) of operations a group may pass through
-_RELU = ("ReluBackward", "ThresholdBackward")
 _CHANNELWISE = ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool", "CloneBackward", "AliasBackward")
 _ARITHMETIC = ("AddBackward", "SubBackward", "MulBackward", "DivBackward")
-_ACTIVATIONS = (
-    "Sigmoid", "Tanh", "Hardtanh", "LeakyRelu", "Elu", "Gelu", "Silu", "Hardswish",
-    "Hardsigmoid", "Softplus", "Mish", "Prelu", "Softmax", "LogSoftmax", "Celu", "Selu", "Rrelu",
-)
+# element-wise activations lbyl recognises but does not model
+_UNMODELLED = ("SoftshrinkBackward", "HardshrinkBackward")
+#: the activation of a group with none between producer and consumers
+IDENTITY = Activation("identity")
 
 
 @dataclass
@@ -54,7 +58,7 @@ class RestorableGroup:
     producer: nn.Module
     bn_name: str | None
     bn: nn.Module | None
-    activation: str  # "relu" or "identity"
+    activation: Activation  # equals its name as a string when it has default parameters: == "relu"
     consumers: list[Consumer]
     path: list[str] = field(default_factory=list)
 
@@ -100,9 +104,99 @@ def _traceable(model: nn.Module):
 
 
 def build_dependency_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
-    """Trace ``model`` on ``example_inputs`` (eval mode; the caller's mode and flags are restored)."""
+    """Trace ``model`` on ``example_inputs`` (eval mode; the caller's mode and flags are restored).
+
+    When Torch-Pruning traces the model but cannot map the channel indices through some
+    operation (a channel shuffle's reshape, say), the graph is still returned: the index
+    mapping is redone one operation at a time and the ones that fail are recorded, so that
+    :func:`find_groups` skips only the layers whose channels pass through them. A model that
+    cannot be traced at all raises a ValueError that names the cause.
+    """
+    dg = tp.DependencyGraph()
     with _traceable(model):
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        try:
+            return dg.build_dependency(model, example_inputs=example_inputs, verbose=False)
+        except Exception as error:
+            if not _raised_in(error, "update_index_mapping") or not hasattr(dg, "module2node"):
+                raise ValueError(_untraceable(error)) from None  # the message names the cause
+        setattr(dg, _UNMAPPED, _map_indices_one_by_one(dg))
+    return dg
+
+
+#: attribute of a dependency graph: {node: reason} for the operations whose index mapping failed
+_UNMAPPED = "_lbyl_unmapped"
+
+
+class _OneOperation:
+    """A view of a dependency graph that holds a single node, for Torch-Pruning's index-mapping pass."""
+
+    def __init__(self, dg, module, node):
+        self._dg, self.module2node = dg, {module: node}
+
+    def __getattr__(self, name):
+        return getattr(self._dg, name)
+
+
+class _UnknownMapping:
+    """Stands in the index mappings of an edge to or from an operation whose mapping failed:
+    a pruning group that would follow channels across it is refused with the reason."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __call__(self, idxs):
+        raise _Unsupported(self.reason)
+
+
+def _map_indices_one_by_one(dg) -> dict:
+    """Torch-Pruning's index mapping, node by node; returns ``{node: reason}`` for those that raise.
+
+    Every edge that touches a failed node gets an :class:`_UnknownMapping` after its own mappings.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    failed = {}
+    for module, node in dg.module2node.items():
+        try:
+            index_mapping.update_index_mapping(_OneOperation(dg, module, node))
+        except Exception as error:
+            operation = getattr(node.type, "name", str(node.type)).lower()
+            failed[node] = f"Torch-Pruning cannot follow its channels: {type(error).__name__} in {operation} index mapping"
+    for node in dg.module2node.values():
+        for dep in node.dependencies:
+            for end in (dep.source, dep.target):
+                if end in failed:
+                    dep.index_mapping.append(_UnknownMapping(failed[end]))
+                    break
+    return failed
+
+
+def _tp_frames(error: BaseException) -> list:
+    return [f for f in traceback.extract_tb(error.__traceback__) if "torch_pruning" in f.filename]
+
+
+def _raised_in(error: BaseException, function: str) -> bool:
+    return any(f.name == function for f in traceback.extract_tb(error.__traceback__))
+
+
+def _torch_pruning_reason(error: BaseException) -> str:
+    """A skip reason for an exception raised while Torch-Pruning follows one layer's channels."""
+    frames = _tp_frames(error)
+    if not frames:
+        return f"lbyl cannot analyse its channels: {type(error).__name__}: {error}"
+    return f"Torch-Pruning cannot follow its channels: {type(error).__name__} in its {frames[-1].name}"
+
+
+def _untraceable(error: BaseException) -> str:
+    frames = traceback.extract_tb(error.__traceback__)
+    inside = frames and "torch_pruning" in frames[-1].filename
+    where = f"Torch-Pruning's {frames[-1].name}" if inside else "the model's forward pass under autograd"
+    return (
+        f"cannot trace the model to find its layers: {type(error).__name__} in {where}: {str(error).strip().rstrip('.')}. "
+        "lbyl reads the model's structure with Torch-Pruning, which runs model(*example_inputs) once in eval mode "
+        "with autograd recording; make that forward pass work under torch.enable_grad() (e.g. no in-place change "
+        "of a parameter inside forward), or restore a submodule that traces (e.g. lbyl.restore(model.features, x, ratio))."
+    )
 
 
 def release_trace(dg: tp.DependencyGraph) -> None:
@@ -139,11 +233,11 @@ def _classify(node) -> str:
         raise _Unsupported("its channels reach the model output")
     if node.type in (ops.OPTYPE.SPLIT, ops.OPTYPE.SLICE, ops.OPTYPE.UNBIND, ops.OPTYPE.EXPAND):
         raise _Unsupported(f"channels are split or sliced ({_op_name(node)})")
+    if is_activation(node):  # before the type check: an nn.PReLU is its own node type
+        return "activation"
     if node.type != ops.OPTYPE.ELEMENTWISE:
         raise _Unsupported(f"feeds {type(module).__name__} {node.name.split(' ')[0]}")
     name = _op_name(node)
-    if name.startswith(_RELU):
-        return "relu"
     if name.startswith(_CHANNELWISE):
         return "channelwise"
     if name.startswith("MeanBackward"):
@@ -153,9 +247,23 @@ def _classify(node) -> str:
         return "channelwise"
     if name.startswith(_ARITHMETIC):
         raise _Unsupported(f"joins a residual add or element-wise arithmetic ({name})")
-    if any(name.startswith(a) for a in _ACTIVATIONS):
-        raise _Unsupported(f"activation {name.replace('Backward0', '').replace('Backward1', '')} is not ReLU")
+    short = name.replace("Backward0", "").replace("Backward1", "")
+    if name.startswith(NOT_ELEMENTWISE):
+        raise _Unsupported(f"{short} mixes the channels: it is not an element-wise activation")
+    if name.startswith(_UNMODELLED):
+        raise _Unsupported(f"activation {short} is not modelled")
     raise _Unsupported(f"unsupported operation {name}")
+
+
+def _activation(node, channels: int, before: Activation | None) -> Activation:
+    """The activation of an activation node, after ``before`` (None: the first on this path)."""
+    try:
+        activation = read_activation(node, channels)
+    except UnsupportedActivation as why:
+        raise _Unsupported(str(why)) from None
+    if before is not None and not (before == activation and activation.name in ("relu", "hardtanh")):
+        raise _Unsupported(f"two activations in a row ({before}, then {activation})")  # idempotent ones excepted
+    return activation
 
 
 def _walk(dg, start, names):
@@ -164,8 +272,9 @@ def _walk(dg, start, names):
     Returns (consumer modules, bn module or None, activation, path description).
     """
     consumers, bns, activations, path = {}, set(), set(), []
+    channels = start.module.weight.shape[0]
 
-    def visit(node, bn_seen, relu_seen, reshaped):
+    def visit(node, bn_seen, activation, reshaped):
         if not node.outputs:
             raise _Unsupported("its channels are a model output")
         for nxt in node.outputs:
@@ -178,11 +287,11 @@ def _walk(dg, start, names):
                     if reshaped:
                         raise _Unsupported(f"reshaped before the convolution {label}")
                 consumers[nxt.module] = label
-                activations.add("relu" if relu_seen else "identity")
+                activations.add(activation or IDENTITY)
                 bns.add(bn_seen)
                 continue
             if kind == "bn":
-                if relu_seen:
+                if activation is not None:
                     raise _Unsupported(f"BatchNorm {label} comes after the activation")
                 if bn_seen is not None:
                     raise _Unsupported("two BatchNorms in a row")
@@ -192,13 +301,18 @@ def _walk(dg, start, names):
                         "so it normalises with the statistics of each batch"
                     )
                 path.append(label)
-                visit(nxt, nxt.module, relu_seen, reshaped)
-            else:
-                if label not in path:
-                    path.append(label)
-                visit(nxt, bn_seen, relu_seen or kind == "relu", reshaped or kind == "reshape")
+                visit(nxt, nxt.module, activation, reshaped)
+                continue
+            after = activation
+            if kind == "activation":
+                after = _activation(nxt, channels, activation)
+                if after.per_channel and reshaped:
+                    raise _Unsupported(f"reshaped before the per-channel activation {label}")
+            if label not in path:
+                path.append(label)
+            visit(nxt, bn_seen, after, reshaped or kind == "reshape")
 
-    visit(start, None, False, False)
+    visit(start, None, None, False)
     if not consumers:
         raise _Unsupported("no Conv/Linear layer reads its channels")
     if len(consumers) > 1:
@@ -211,7 +325,8 @@ def _walk(dg, start, names):
     if len(bns) > 1:
         raise _Unsupported("BatchNorm on some paths to the consumers but not on others")
     if len(activations) > 1:
-        raise _Unsupported("ReLU on some paths to the consumers but not on others")
+        shown = ", ".join(sorted(str(a) for a in activations))
+        raise _Unsupported(f"different activations on the paths to the consumers ({shown})")
     return consumers, bns.pop(), activations.pop(), path
 
 
@@ -266,6 +381,48 @@ def _depthwise(module) -> bool:
     return isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups != 1
 
 
+def _check_batchnorm_width(start, channels: int, names) -> None:
+    """Refuse a producer whose channels reach, through a concatenation, a BatchNorm of more channels.
+
+    Such a BatchNorm (DenseNet's) normalises the channels of several layers at once, so no
+    per-producer BatchNorm can be read or corrected. Paths end at Conv/Linear layers and BatchNorms.
+    """
+    seen, queue = set(), collections.deque([(start, False)])  # breadth first: the nearest is named
+    while queue:
+        node, concatenated = queue.popleft()
+        for nxt in node.outputs:
+            if isinstance(nxt.module, WEIGHTED) or (nxt, concatenated) in seen:
+                continue
+            seen.add((nxt, concatenated))
+            if isinstance(nxt.module, BATCHNORMS):
+                if concatenated and nxt.module.num_features != channels:
+                    raise _Unsupported(
+                        f"its BatchNorm normalises a concatenation of several layers ({names.get(nxt.module, '?')})"
+                    )
+                continue
+            queue.append((nxt, concatenated or nxt.type == ops.OPTYPE.CONCAT))
+
+
+def _pruning_group(dg, module, channels):
+    """Torch-Pruning's group for removing every output channel of ``module``.
+
+    On a graph with operations whose index mapping failed, the mapping was done once,
+    operation by operation, when the graph was built (:func:`build_dependency_graph`), so
+    the query does not redo it (Torch-Pruning's own pass would meet the same failure), and
+    a group that reaches such an operation is refused (:class:`_UnknownMapping`).
+    """
+    pruner = dg.get_pruner_of_module(module)
+    idxs = list(range(channels))
+    if not getattr(dg, _UNMAPPED, None):
+        return dg.get_pruning_group(module, pruner.prune_out_channels, idxs=idxs)
+    every_node = dg.module2node
+    dg.module2node = {module: every_node[module]}  # the query re-maps the indices of these nodes only
+    try:
+        return dg.get_pruning_group(module, pruner.prune_out_channels, idxs=idxs)
+    finally:
+        dg.module2node = every_node
+
+
 def find_groups(
     model: nn.Module, example_inputs, dg: tp.DependencyGraph | None = None
 ) -> tuple[list[RestorableGroup], list[SkippedLayer]]:
@@ -290,10 +447,14 @@ def find_groups(
             skipped.append(SkippedLayer(name, "grouped or depthwise convolution"))
             continue
         try:
-            consumers, bn, activation, path = _walk(dg, dg.module2node[module], names)
-            pruner = dg.get_pruner_of_module(module)
             channels = module.weight.shape[0]
-            group = dg.get_pruning_group(module, pruner.prune_out_channels, idxs=list(range(channels)))
+            _check_batchnorm_width(dg.module2node[module], channels, names)
+            consumers, bn, activation, path = _walk(dg, dg.module2node[module], names)
+            if bn is not None and bn.num_features != channels:  # e.g. a BatchNorm1d after a flatten
+                raise _Unsupported(
+                    f"its BatchNorm {names.get(bn, '?')} normalises {bn.num_features} features, not its {channels} channels"
+                )
+            group = _pruning_group(dg, module, channels)
             coupled = _coupled_producers(group, module)
             if coupled:
                 others = ", ".join(names.get(m, "?") for m in coupled[:3])
@@ -301,6 +462,9 @@ def find_groups(
             positions = _consumer_positions(group, consumers, channels)
         except _Unsupported as why:
             skipped.append(SkippedLayer(name, str(why)))
+            continue
+        except Exception as error:  # a graph the tracer or lbyl does not understand costs this layer, not the run
+            skipped.append(SkippedLayer(name, _torch_pruning_reason(error)))
             continue
         groups.append(
             RestorableGroup(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .activations import Activation, as_activation
 from .correction import mean_shift
 from .covariance import INPUT_MODELS, channel_covariance, preactivation_covariance, solve_space
 from .delivery import (
@@ -48,6 +49,9 @@ class Method:
     (from the BatchNorm statistics) to the consumer's bias or its BatchNorm's
     running mean. ``variance_correction``: rescale the running variance of the
     BatchNorm after each consumer by the predicted change of its output variance.
+    ``activation`` (of :meth:`delivery` and :meth:`solve`): the layer's element-wise
+    activation, an :class:`lbyl.activations.Activation` (a name such as ``"relu"`` is
+    accepted by :meth:`solve`); it equals its name when it has default parameters.
     """
 
     name = "custom"
@@ -57,10 +61,15 @@ class Method:
         self.mean_correction = check_bool("mean_correction", mean_correction)
         self.variance_correction = check_bool("variance_correction", variance_correction)
 
-    def delivery(self, stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor, activation: str) -> torch.Tensor:
+    def delivery(
+        self, stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor, activation: Activation
+    ) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement delivery(stats, kept, pruned, activation)")
 
-    def solve(self, stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor, activation: str) -> Solution:
+    def solve(
+        self, stats: ProducerStats, kept: torch.Tensor, pruned: torch.Tensor, activation: Activation | str
+    ) -> Solution:
+        activation = as_activation(activation)
         delivery = self.delivery(stats, kept, pruned, activation)
         if not isinstance(delivery, torch.Tensor) or tuple(delivery.shape) != (len(kept), len(pruned)):
             raise ValueError(
@@ -140,6 +149,7 @@ class LBYL(Method):
         return self.solve(stats, kept, pruned, activation).delivery
 
     def solve(self, stats, kept, pruned, activation):
+        activation = as_activation(activation)
         w, b = scaled_filters(stats)
         gram = w @ w.T  # once: the white metric, the reported RE and the white covariance
         white = gram[kept][:, kept], gram[kept][:, pruned]  # the reported RE is the paper's white-input term

@@ -32,7 +32,7 @@ class PlannedLayer:
     kept: list[int]
     consumers: list[str] = field(default_factory=list)
     bn: str | None = None
-    activation: str = "identity"
+    activation: str = "identity"  # the name of the group's activation ("relu", "hardtanh", "silu"...)
     ratio: float | None = None  # None: the channels were chosen explicitly
 
     @property
@@ -252,7 +252,7 @@ def plan_layers(groups, skipped, ratio=None, kept=None, criterion="l2", layers=N
 
 def _planned(group: RestorableGroup, kept: list[int], ratio: float | None) -> PlannedLayer:
     return PlannedLayer(group.name, group.channels, kept, [c.name for c in group.consumers], group.bn_name,
-                        group.activation, ratio)  # fmt: skip
+                        group.activation.name, ratio)  # fmt: skip
 
 
 MAKE_A_NEW_PLAN = "the plan was made for another architecture: make a new plan for this model"

@@ -105,6 +105,8 @@ def _out_pruner(module):
         return tp_function.prune_linear_out_channels
     if isinstance(module, BATCHNORMS):
         return tp_function.prune_batchnorm_out_channels
+    if isinstance(module, nn.PReLU):
+        return tp_function.prune_prelu_out_channels
     return tp_function.prune_conv_out_channels
 
 
@@ -167,6 +169,9 @@ def removal_indices(pairs) -> tuple[dict, dict]:
         out_channels.setdefault(group.producer, set()).update(pruned.tolist())
         if group.bn is not None:
             out_channels.setdefault(group.bn, set()).update(pruned.tolist())
+        owner = getattr(group.activation, "module", None)  # an nn.PReLU with one slope per channel
+        if owner is not None:
+            out_channels.setdefault(owner, set()).update(pruned.tolist())
         for consumer in group.consumers:
             in_channels.setdefault(consumer.module, set()).update(consumer.positions[pruned].flatten().tolist())
     return out_channels, in_channels
