@@ -8,5 +8,8 @@ API of :mod:`lbyl` only. Run the experiments from the repository root:
 - ``python -m benchmarks.reproduce_lenet``: the paper's LeNet-300-100 table
   (``docs/reproduction.md``);
 - ``python -m benchmarks.ablation``: the ablation of the default restoration
-  (``docs/ablation.md``).
+  (``docs/ablation.md``);
+- ``python -m benchmarks.coverage --doc docs/architectures.md`` (needs torchvision):
+  every torchvision classification architecture through ``lbyl.restore``
+  (results tracked in ``benchmarks/coverage/``, report in ``docs/architectures.md``).
 """
