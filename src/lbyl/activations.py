@@ -424,3 +424,61 @@ def channel_covariance(activation, mean: torch.Tensor, covariance_matrix: torch.
                        None if slope is None else (slope[None, :] if slope.dim() else slope))  # fmt: skip
     pairs = (pairs + pairs.T) / 2
     return pairs.diagonal_scatter(variance(act, mean, std, slope))
+
+
+#: terms of the Hermite (Mehler) expansion in :func:`hermite_channel_covariance`
+HERMITE_TERMS = 24
+
+
+def hermite_coefficients(activation, mu: torch.Tensor, sigma: torch.Tensor, terms: int = HERMITE_TERMS) -> torch.Tensor:
+    """``c_n = E[f(mu + sigma x) h_n(x)]``, ``n = 1..terms``, per channel (C x terms), for the
+    orthonormal Hermite polynomials ``h_n = He_n / sqrt(n!)`` of ``x ~ N(0, 1)``.
+
+    Integrated by the split Gauss-Legendre rule of :func:`moments` (exact for the kinks).
+    """
+    act, mu, sigma, slope = _prepare(activation, mu, sigma, None)
+    nodes, weights = _rule(act, mu, sigma)
+    values = evaluate(act, mu[..., None] + sigma[..., None] * nodes, None if slope is None else slope[..., None])
+    weighted = weights * values
+    previous, current = torch.ones_like(nodes), nodes.clone()
+    coefficients = []
+    for n in range(1, terms + 1):
+        coefficients.append((weighted * current).sum(-1))
+        previous, current = current, (nodes * current - math.sqrt(n) * previous) / math.sqrt(n + 1)
+    return torch.stack(coefficients, dim=-1)
+
+
+def hermite_channel_covariance(activation, mean: torch.Tensor, covariance_matrix: torch.Tensor,
+                               terms: int = HERMITE_TERMS) -> torch.Tensor:  # fmt: skip
+    """Covariance matrix of ``f(z)`` for ``z ~ N(mean, covariance_matrix)`` by Mehler's expansion.
+
+    For standardised jointly Gaussian inputs with correlation ``rho``,
+    ``Cov(f_i, f_k) = sum_{n >= 1} c_n^(i) c_n^(k) rho^n`` (:func:`hermite_coefficients`).
+    The first ``terms`` are summed; the rest, whose weights add up to
+    ``r_i = Var f_i - sum_n (c_n^(i))^2``, is taken as ``sqrt(r_i r_k) rho^(terms+1)``
+    (exact at ``rho = 1``). The diagonal is the exact variance. Costs ``terms`` products of
+    C x C matrices instead of a 2-D quadrature per pair (:func:`channel_covariance`):
+    what makes wide layers (a thousand channels) affordable.
+    """
+    act = as_activation(activation)
+    mean = mean.to(torch.float64)
+    cov = covariance_matrix.to(torch.float64)
+    std = cov.diagonal().clamp_min(0).sqrt()
+    if act.name == "identity":
+        return cov.clone()
+    if act.per_channel:  # per-channel slopes: the pairwise rule aligns them
+        return channel_covariance(act, mean, cov)
+    scale = torch.outer(std, std)
+    rho = torch.where(scale > 0, cov / torch.where(scale > 0, scale, 1.0), 0.0).clamp(-1, 1)
+    coefficients = hermite_coefficients(act, mean, std, terms)
+    var = variance(act, mean, std)
+    result = torch.zeros_like(cov)
+    power = torch.ones_like(rho)
+    for n in range(terms):
+        power = power * rho
+        c = coefficients[:, n]
+        result += torch.outer(c, c) * power
+    rest = (var - (coefficients**2).sum(-1)).clamp_min(0).sqrt()
+    result += torch.outer(rest, rest) * power * rho
+    result = (result + result.T) / 2
+    return result.diagonal_scatter(var)

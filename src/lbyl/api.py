@@ -16,7 +16,7 @@ from .budget import check_target, predicted_size, ratio_for_budget
 from .criteria import check_criterion, criterion_name
 from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups, release_trace
 from .methods import Method, as_method
-from .planning import Plan, PlannedLayer, match_plan, plan_layers, producer_stats
+from .planning import Plan, PlannedLayer, layer_stats, match_plan, plan_layers
 from .report import LayerRecord, Report, SkippedRecord, attach_report
 from .surgery import apply_solution, remove_channels, removal_indices
 from .validation import all_finite, as_inputs, check_bool, check_choice, check_int, check_layers, check_model
@@ -170,7 +170,7 @@ def _solve_and_apply(target, traced: Traced, pairs, method: Method, order: str, 
             device = stats.filters.device
             kept = torch.tensor(layer.kept, dtype=torch.long, device=device)
             pruned = torch.tensor(layer.pruned, dtype=torch.long, device=device)
-            solution = method.solve(stats, kept, pruned, group.activation)
+            solution = method.solve(stats, kept, pruned, group.consumer_activation)
         with clock("surgery"):
             reader.before_editing(group, pruned)
             apply_solution(group, kept, pruned, solution, coverage)
@@ -193,13 +193,13 @@ class _StatsReader:
 
     def read(self, group):
         self.unread.pop(group.producer, None)
-        return self.snapshots.pop(group.name, None) or producer_stats(group, sorted(self.dropped.get(group.producer, ())))
+        return self.snapshots.pop(group.name, None) or layer_stats(group, sorted(self.dropped.get(group.producer, ())))
 
     def before_editing(self, group, pruned: torch.Tensor):
         for consumer in group.consumers:
             later = self.unread.pop(consumer.module, None)
             if later is not None:
-                self.snapshots[later.name] = producer_stats(later)
+                self.snapshots[later.name] = layer_stats(later)
             if self.order == "sequential":  # the columns that go: a later producer no longer has them
                 columns = consumer.positions[pruned.cpu()].flatten().tolist()
                 self.dropped.setdefault(consumer.module, set()).update(columns)

@@ -51,8 +51,25 @@ class Consumer:
 
 
 @dataclass
+class DepthwiseStage:
+    """A depthwise convolution between a producer and its consumers (an inverted residual's
+    3x3): producer channel ``j`` is its channel ``j``, filtered alone, with its own
+    BatchNorm and activation; removing the channel removes it at every stage."""
+
+    name: str
+    module: nn.Module
+    bn_name: str | None
+    bn: nn.Module | None
+    activation: Activation  # after the stage's BatchNorm: what the consumers read
+
+
+@dataclass
 class RestorableGroup:
-    """A producer whose pruned channels can be delivered to its kept ones."""
+    """A producer whose pruned channels can be delivered to its kept ones.
+
+    ``bn`` and ``activation`` follow the producer; with a depthwise ``stage`` the
+    consumers read the stage's output instead (:attr:`consumer_activation`).
+    """
 
     name: str
     producer: nn.Module
@@ -61,10 +78,16 @@ class RestorableGroup:
     activation: Activation  # equals its name as a string when it has default parameters: == "relu"
     consumers: list[Consumer]
     path: list[str] = field(default_factory=list)
+    stage: DepthwiseStage | None = None
 
     @property
     def channels(self) -> int:
         return self.producer.weight.shape[0]
+
+    @property
+    def consumer_activation(self) -> Activation:
+        """The activation of the channels the consumers read."""
+        return self.stage.activation if self.stage is not None else self.activation
 
 
 @dataclass
@@ -269,12 +292,14 @@ def _activation(node, channels: int, before: Activation | None) -> Activation:
 def _walk(dg, start, names):
     """Follow every path from the producer to its consumers; validate the op order.
 
-    Returns (consumer modules, bn module or None, activation, path description).
+    Returns (consumer modules, bn module or None, activation, path description, stage):
+    with a depthwise stage on the way, the BatchNorm and activation are the producer's
+    (before the stage) and the stage holds its own.
     """
-    consumers, bns, activations, path = {}, set(), set(), []
+    consumers, bns, activations, path, stages = {}, set(), set(), [], set()
     channels = start.module.weight.shape[0]
 
-    def visit(node, bn_seen, activation, reshaped):
+    def visit(node, bn_seen, activation, reshaped, stage):
         if not node.outputs:
             raise _Unsupported("its channels are a model output")
         for nxt in node.outputs:
@@ -282,13 +307,24 @@ def _walk(dg, start, names):
             label = names.get(nxt.module, _op_name(nxt))
             if kind == "consumer":
                 if isinstance(nxt.module, nn.Conv2d | nn.Conv1d | nn.Conv3d):
-                    if nxt.module.groups != 1:
-                        raise _Unsupported(f"feeds the grouped or depthwise convolution {label}")
                     if reshaped:
                         raise _Unsupported(f"reshaped before the convolution {label}")
+                    if nxt.module.groups != 1:
+                        if stage is not None or not _is_depthwise_stage(nxt.module, channels):
+                            raise _Unsupported(f"feeds the grouped or depthwise convolution {label}")
+                        path.append(label)
+                        visit(nxt, None, None, False, (nxt.module, label, bn_seen, activation or IDENTITY))
+                        continue
                 consumers[nxt.module] = label
-                activations.add(activation or IDENTITY)
-                bns.add(bn_seen)
+                if stage is None:
+                    activations.add(activation or IDENTITY)
+                    bns.add(bn_seen)
+                    stages.add(None)
+                else:
+                    module, stage_label, bn_before, activation_before = stage
+                    activations.add(activation_before)
+                    bns.add(bn_before)
+                    stages.add((module, stage_label, bn_seen, activation or IDENTITY))
                 continue
             if kind == "bn":
                 if activation is not None:
@@ -301,7 +337,7 @@ def _walk(dg, start, names):
                         "so it normalises with the statistics of each batch"
                     )
                 path.append(label)
-                visit(nxt, nxt.module, activation, reshaped)
+                visit(nxt, nxt.module, activation, reshaped, stage)
                 continue
             after = activation
             if kind == "activation":
@@ -310,9 +346,9 @@ def _walk(dg, start, names):
                     raise _Unsupported(f"reshaped before the per-channel activation {label}")
             if label not in path:
                 path.append(label)
-            visit(nxt, bn_seen, after, reshaped or kind == "reshape")
+            visit(nxt, bn_seen, after, reshaped or kind == "reshape", stage)
 
-    visit(start, None, None, False)
+    visit(start, None, None, False, None)
     if not consumers:
         raise _Unsupported("no Conv/Linear layer reads its channels")
     if len(consumers) > 1:
@@ -327,7 +363,23 @@ def _walk(dg, start, names):
     if len(activations) > 1:
         shown = ", ".join(sorted(str(a) for a in activations))
         raise _Unsupported(f"different activations on the paths to the consumers ({shown})")
-    return consumers, bns.pop(), activations.pop(), path
+    if len(stages) > 1:
+        raise _Unsupported("some consumers read it through a depthwise convolution, others not (or through another)")
+    return consumers, bns.pop(), activations.pop(), path, _stage(stages.pop(), channels, names)
+
+
+def _is_depthwise_stage(module: nn.Module, channels: int) -> bool:
+    """A depthwise conv that maps each of the producer's channels to one channel of its own."""
+    return module.groups == module.in_channels == module.out_channels == channels
+
+
+def _stage(found, channels: int, names) -> DepthwiseStage | None:
+    if found is None:
+        return None
+    module, label, bn, activation = found
+    if bn is not None and bn.num_features != channels:
+        raise _Unsupported(f"BatchNorm {names.get(bn, '?')} after the depthwise convolution {label} has the wrong width")
+    return DepthwiseStage(label, module, names.get(bn) if bn is not None else None, bn, activation)
 
 
 def _next_bn(node):
@@ -367,12 +419,13 @@ def _consumer_positions(group, consumer_modules, channels):
     return positions
 
 
-def _coupled_producers(group, producer):
+def _coupled_producers(group, producer, stage: DepthwiseStage | None = None):
+    own = {producer, stage.module if stage is not None else None}
     return [
         item.dep.target.module
         for item in group
         if isinstance(item.dep.target.module, WEIGHTED)
-        and item.dep.target.module is not producer
+        and item.dep.target.module not in own
         and item.dep.handler.__name__ == "prune_out_channels"
     ]
 
@@ -449,13 +502,13 @@ def find_groups(
         try:
             channels = module.weight.shape[0]
             _check_batchnorm_width(dg.module2node[module], channels, names)
-            consumers, bn, activation, path = _walk(dg, dg.module2node[module], names)
+            consumers, bn, activation, path, stage = _walk(dg, dg.module2node[module], names)
             if bn is not None and bn.num_features != channels:  # e.g. a BatchNorm1d after a flatten
                 raise _Unsupported(
                     f"its BatchNorm {names.get(bn, '?')} normalises {bn.num_features} features, not its {channels} channels"
                 )
             group = _pruning_group(dg, module, channels)
-            coupled = _coupled_producers(group, module)
+            coupled = _coupled_producers(group, module, stage)
             if coupled:
                 others = ", ".join(names.get(m, "?") for m in coupled[:3])
                 raise _Unsupported(f"output channels are coupled with {others} (residual add or shared channels)")
@@ -475,6 +528,17 @@ def find_groups(
                 activation=activation,
                 consumers=[Consumer(consumers[m], m, positions[m], _next_bn(dg.module2node[m])) for m in consumers],
                 path=path,
+                stage=stage,
             )
         )
-    return groups, skipped
+    return groups, _name_stages(groups, skipped)
+
+
+def _name_stages(groups: list[RestorableGroup], skipped: list[SkippedLayer]) -> list[SkippedLayer]:
+    """A depthwise conv restored as a group's stage is skipped as a producer: say where it went."""
+    owner = {g.stage.name: g.name for g in groups if g.stage is not None}
+    return [
+        SkippedLayer(s.name, f"depthwise convolution: pruned and restored with {owner[s.name]}'s channels")
+        if s.name in owner else s
+        for s in skipped
+    ]

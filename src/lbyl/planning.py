@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .criteria import keep_count, select_channels
 from .delivery import BatchNormStats, ProducerStats
+from .depthwise import depthwise_chain_stats
 from .graph import RestorableGroup, SkippedLayer
 from .report import SkippedRecord, format_table, percent
 
@@ -34,6 +35,7 @@ class PlannedLayer:
     bn: str | None = None
     activation: str = "identity"  # the name of the group's activation ("relu", "hardtanh", "silu"...)
     ratio: float | None = None  # None: the channels were chosen explicitly
+    stage: str | None = None  # a depthwise conv between producer and consumers, pruned alike
 
     @property
     def removed_fraction(self) -> float:
@@ -92,7 +94,7 @@ class Plan:
 
     def table(self) -> str:
         header = ("layer", "channels", "consumers")
-        rows = [(x.name, f"{x.channels} -> {len(x.kept)}", ", ".join(x.consumers)) for x in self.layers]
+        rows = [(x.name, f"{x.channels} -> {len(x.kept)}", _consumers_cell(x)) for x in self.layers]
         out = [format_table(header, rows)]
         if self.skipped:
             out += ["", f"skipped ({len(self.skipped)}):", *(f"  {s.name}: {s.reason}" for s in self.skipped)]
@@ -140,6 +142,11 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
 
+def _consumers_cell(layer: PlannedLayer) -> str:
+    consumers = ", ".join(layer.consumers)
+    return f"{consumers} (through {layer.stage})" if layer.stage else consumers
+
+
 def check_kept(name: str, channels, total: int) -> list[int]:
     """Sorted, distinct, in-range channel indices, at least one."""
     if isinstance(channels, torch.Tensor):
@@ -177,6 +184,22 @@ def producer_stats(group: RestorableGroup, dropped_inputs=()) -> ProducerStats:
         bias=bias.detach().to(torch.float64, copy=True) if bias is not None else None,
         bn=_bn_stats(group.bn, weight.shape[0], weight.device) if group.bn is not None else None,
     )
+
+
+def layer_stats(group: RestorableGroup, dropped_inputs=()) -> ProducerStats:
+    """The statistics a method solves with: the producer's, or, through a depthwise stage,
+    those of the stage's output channels (:func:`lbyl.depthwise.depthwise_chain_stats`)."""
+    stats = producer_stats(group, dropped_inputs)
+    stage = group.stage
+    if stage is None:
+        return stats
+    kernels = stage.module.weight.detach().to(torch.float64)
+    bias = stage.module.bias
+    return depthwise_chain_stats(
+        stats, group.activation, kernels.reshape(kernels.shape[0], -1),
+        bias.detach().to(torch.float64) if bias is not None else None,
+        _bn_stats(stage.bn, group.channels, kernels.device) if stage.bn is not None else None,
+    )  # fmt: skip
 
 
 def _bn_stats(m: nn.Module, n: int, device) -> BatchNormStats:
@@ -252,7 +275,8 @@ def plan_layers(groups, skipped, ratio=None, kept=None, criterion="l2", layers=N
 
 def _planned(group: RestorableGroup, kept: list[int], ratio: float | None) -> PlannedLayer:
     return PlannedLayer(group.name, group.channels, kept, [c.name for c in group.consumers], group.bn_name,
-                        group.activation.name, ratio)  # fmt: skip
+                        group.consumer_activation.name, ratio,
+                        group.stage.name if group.stage is not None else None)  # fmt: skip
 
 
 MAKE_A_NEW_PLAN = "the plan was made for another architecture: make a new plan for this model"

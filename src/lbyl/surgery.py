@@ -107,6 +107,8 @@ def _out_pruner(module):
         return tp_function.prune_batchnorm_out_channels
     if isinstance(module, nn.PReLU):
         return tp_function.prune_prelu_out_channels
+    if module.groups != 1:  # a depthwise stage: its input channels go with its outputs
+        return tp_function.prune_depthwise_conv_out_channels
     return tp_function.prune_conv_out_channels
 
 
@@ -167,11 +169,13 @@ def removal_indices(pairs) -> tuple[dict, dict]:
     for group, pruned in pairs:
         pruned = torch.as_tensor(pruned, dtype=torch.long)
         out_channels.setdefault(group.producer, set()).update(pruned.tolist())
-        if group.bn is not None:
-            out_channels.setdefault(group.bn, set()).update(pruned.tolist())
-        owner = getattr(group.activation, "module", None)  # an nn.PReLU with one slope per channel
-        if owner is not None:
-            out_channels.setdefault(owner, set()).update(pruned.tolist())
+        stage = group.stage
+        owners = [group.bn, getattr(group.activation, "module", None)]  # an nn.PReLU has one slope per channel
+        if stage is not None:
+            owners += [stage.module, stage.bn, getattr(stage.activation, "module", None)]
+        for owner in owners:
+            if owner is not None:
+                out_channels.setdefault(owner, set()).update(pruned.tolist())
         for consumer in group.consumers:
             in_channels.setdefault(consumer.module, set()).update(consumer.positions[pruned].flatten().tolist())
     return out_channels, in_channels
