@@ -219,3 +219,40 @@ def test_a_restored_chain_saves_and_reloads(tmp_path):
     assert reloaded.dw.groups == 12
     with torch.no_grad():
         assert torch.equal(reloaded(X), restored(X))
+
+
+class PaddedInvertedResidual(InvertedResidual):
+    """TensorFlow-style "same" padding before a strided depthwise conv (EfficientNet-Lite)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(24, 24, 3, stride=2, groups=24, bias=False))
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu6(self.bn1(self.expand(x)))
+        y = F.relu6(self.bn2(self.dw(y)))
+        return self.head(self.bn3(self.project(y)).mean((2, 3)))
+
+
+def test_zero_padding_before_the_depthwise_conv_passes_and_the_error_is_measured_after_the_activation():
+    model = randomise_batchnorms(PaddedInvertedResidual())
+    restored, report = lbyl.restore(model, X, 0.25)
+    solved = {layer.name: layer.solve for layer in report.layers}
+    assert solved["expand"] == "after-activation" and solved["stem"] != "after-activation"
+    assert restored.dw[1].groups == 18
+    with torch.no_grad():
+        assert restored(X).shape == (4, 10)
+
+
+def test_padding_of_the_channel_axis_is_refused():
+    class ChannelPad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            return self.b(F.pad(torch.relu(self.a(x)), (0, 0, 0, 0, 1, 1)))
+
+    groups, skipped = lbyl.find_groups(ChannelPad().eval(), X)
+    assert {s.name: s.reason for s in skipped}["a"] == "padding along the channel axis"

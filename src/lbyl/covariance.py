@@ -121,6 +121,8 @@ def relu_covariance(
 def solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_model: str, activation) -> str:
     """Where LBYL measures a pruned channel's error for this layer.
 
+    ``"after-activation"`` when the statistics carry the covariance the consumers read
+    (a depthwise stage, :mod:`lbyl.depthwise`); else
     ``"white"`` (the paper's filter distance), ``"bn"`` (the input covariance from
     the BatchNorm variances) or ``"after-relu"`` (the ReLU outputs under the input
     model's covariance, when the kept filters span the input space and a BN and a
@@ -130,6 +132,8 @@ def solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_model: s
     :class:`lbyl.activations.Activation` or its name; only a ReLU has the post-activation
     solve, every other activation keeps the pre-activation one.
     """
+    if stats.activation_covariance is not None:
+        return "after-activation"
     if stats.bn is None:
         return "white"
     if as_activation(activation).name == "relu" and spans_input_space(kept_filters):
@@ -143,6 +147,8 @@ def channel_covariance(stats: ProducerStats, input_model: str, space: str, gram:
     ``space="after-relu"``: of the ReLU outputs, ``z`` Gaussian with means ``beta``
     and the input model's covariance; otherwise of the BN outputs themselves.
     """
+    if space == "after-activation":
+        return stats.activation_covariance.to(torch.float64)
     covariance = preactivation_covariance(stats, input_model, gram)
     if space == "after-relu":
         return relu_covariance(stats.bn.beta.to(torch.float64), covariance)

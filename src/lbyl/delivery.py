@@ -33,11 +33,15 @@ class ProducerStats:
 
     ``filters`` is N x M (flattened output filters), ``bias`` the producer's
     own bias (or None), ``bn`` the BatchNorm that follows it (or None).
+    ``activation_covariance``: the covariance of the channels as the consumers read
+    them (after the activation), when the statistics are a model of a later stage
+    (:mod:`lbyl.depthwise`); LBYL then measures its error there.
     """
 
     filters: torch.Tensor
     bias: torch.Tensor | None = None
     bn: BatchNormStats | None = None
+    activation_covariance: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:

@@ -22,6 +22,8 @@ every method and both corrections apply unchanged.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from . import activations
@@ -65,13 +67,14 @@ def factor(covariance: torch.Tensor) -> torch.Tensor:
 
 def depthwise_chain_stats(
     producer: ProducerStats, activation: Activation, kernels: torch.Tensor, kernel_bias: torch.Tensor | None,
-    bn: BatchNormStats | None,
+    bn: BatchNormStats | None, consumer_activation: Activation | None = None,
 ) -> ProducerStats:  # fmt: skip
     """Statistics of a depthwise stage's output channels, from the producer before it.
 
     ``producer``: the producer's filters and BN1; ``activation``: ``f1``, between BN1 and
     the depthwise conv; ``kernels``: the depthwise filters flattened (N x taps);
-    ``kernel_bias``: its bias (or None); ``bn``: BN2 (or None).
+    ``kernel_bias``: its bias (or None); ``bn``: BN2 (or None); ``consumer_activation``:
+    ``f2``, after BN2 (with BN2, the covariance of ``f2(z2)`` is added: the consumers read it).
     """
     w, b = scaled_filters(producer)
     if producer.bn is not None:  # BN1's running statistics fix z1's mean and variance
@@ -91,5 +94,9 @@ def depthwise_chain_stats(
         return ProducerStats(filters=factor(cov_d), bias=bias, bn=None)
     std2 = measured.sqrt()
     cov_d = correlation(cov_d) * torch.outer(std2, std2)
-    # the running mean as the bias: BN2 then gives z2 the offset beta2 (d's fluctuation is F . noise)
-    return ProducerStats(filters=factor(cov_d), bias=bn.mean.to(torch.float64), bn=bn)
+    stats = ProducerStats(filters=factor(cov_d), bias=bn.mean.to(torch.float64), bn=bn)
+    if consumer_activation is None:
+        return stats
+    # z2 ~ N(beta2, g2 Cov(d) g2): the consumers read f2(z2), whose covariance is as cheap as z2's
+    w, offsets = scaled_filters(stats)
+    return replace(stats, activation_covariance=hermite_channel_covariance(consumer_activation, offsets, w @ w.T))

@@ -238,7 +238,7 @@ def _op_name(node) -> str:
     return grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else type(node.module).__name__
 
 
-def _classify(node) -> str:
+def _classify(node, spatial_dims: int = 2) -> str:
     """Kind of one node on the way from producer to consumers."""
     module = node.module
     if isinstance(module, WEIGHTED):
@@ -262,6 +262,11 @@ def _classify(node) -> str:
         raise _Unsupported(f"feeds {type(module).__name__} {node.name.split(' ')[0]}")
     name = _op_name(node)
     if name.startswith(_CHANNELWISE):
+        return "channelwise"
+    if name.startswith("ConstantPadNd"):  # TensorFlow-style "same" padding before a strided conv
+        pad = tuple(getattr(node.grad_fn, "_saved_pad", ()))
+        if not pad or len(pad) > 2 * spatial_dims:
+            raise _Unsupported("padding along the channel axis")
         return "channelwise"
     if name.startswith("MeanBackward"):
         dims = getattr(node.grad_fn, "_saved_dim", ())
@@ -303,7 +308,7 @@ def _walk(dg, start, names):
         if not node.outputs:
             raise _Unsupported("its channels are a model output")
         for nxt in node.outputs:
-            kind = _classify(nxt)
+            kind = _classify(nxt, start.module.weight.dim() - 2)
             label = names.get(nxt.module, _op_name(nxt))
             if kind == "consumer":
                 if isinstance(nxt.module, nn.Conv2d | nn.Conv1d | nn.Conv3d):

@@ -199,6 +199,7 @@ def layer_stats(group: RestorableGroup, dropped_inputs=()) -> ProducerStats:
         stats, group.activation, kernels.reshape(kernels.shape[0], -1),
         bias.detach().to(torch.float64) if bias is not None else None,
         _bn_stats(stage.bn, group.channels, kernels.device) if stage.bn is not None else None,
+        stage.activation,
     )  # fmt: skip
 
 
