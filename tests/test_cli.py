@@ -104,6 +104,15 @@ def test_runtime_errors_are_one_clear_line(capsys, tmp_path):
     assert code == 1 and "no plan.json" in err
 
 
+def test_a_missing_optional_package_is_one_clear_line(capsys, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if torchvision were not installed
+    code, _, err = run_cli(capsys, "eval", "--model", "vit-fashion", "--weights", str(tmp_path / "vit.safetensors"))
+    assert code == 1
+    assert "pip install torchvision" in err and "Traceback" not in err
+
+
 # --- restore and eval -------------------------------------------------------------
 
 

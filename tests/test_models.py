@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import os
 import random
+import sys
 import warnings
 
 import pytest
@@ -41,10 +43,25 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+#: registry models built from torchvision classes (torchvision is optional)
+TORCHVISION_MODELS = {"vit-fashion"}
+
+
+def registry_names():
+    """Every registry name; those needing torchvision skip without it (the torch 2.14 CI run has it)."""
+    reason = "torchvision is not installed here; the torch 2.14 CI run (make test-torch-2.14) has it"
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(not HAS_TORCHVISION, reason=reason))
+        if name in TORCHVISION_MODELS else name
+        for name in available_models()
+    ]  # fmt: skip
+
+
 # --- registry ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", available_models())
+@pytest.mark.parametrize("name", registry_names())
 def test_registry_model_forward(name):
     info = model_info(name)
     model = build_model(name).eval()
@@ -59,7 +76,7 @@ def test_registry_model_forward(name):
 def test_registry_names_and_info():
     expected = {
         "lenet-300-100", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg16-bn-cifar",
-        "demo-cnn", "resnet18", "resnet34", "resnet50", "resnet101", "vgg16-bn-imagenet",
+        "demo-cnn", "resnet18", "resnet34", "resnet50", "resnet101", "vgg16-bn-imagenet", "vit-fashion",
     }  # fmt: skip
     assert set(MODELS) == expected
     assert "vgg16-bn" in available_models()
@@ -73,6 +90,35 @@ def test_registry_names_and_info():
             assert info.std == DATASETS[info.dataset].std, name
     assert build_model("resnet20").lbyl_spec == "resnet20"
     assert build_model("VGG16_BN").lbyl_spec == "vgg16-bn-cifar"
+
+
+def hide_torchvision(monkeypatch):
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision now fails
+
+
+def test_vit_without_torchvision_names_the_install(monkeypatch):
+    hide_torchvision(monkeypatch)
+    with pytest.raises(ImportError, match=r"torchvision is not installed.*pip install torchvision"):
+        build_model("vit-fashion")
+    assert model_info("vit-fashion").input_shape == (1, 28, 28)  # the registry itself needs no torchvision
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is not installed here; the torch 2.14 CI run has it")
+def test_vit_is_torchvisions_class_with_one_input_channel():
+    from torchvision.models.vision_transformer import MLPBlock, VisionTransformer
+
+    model = build_model("vit-fashion")
+    assert type(model) is VisionTransformer
+    assert model.conv_proj.in_channels == 1 and model.conv_proj.kernel_size == (7, 7)
+    blocks = [m for m in model.modules() if isinstance(m, MLPBlock)]
+    assert len(blocks) == 4 and all((b[0].in_features, b[0].out_features) == (64, 256) for b in blocks)
+    # the patch embedding is initialised like torchvision's own: std sqrt(1 / fan_in), fan_in 49
+    assert 0.1 < float(model.conv_proj.weight.detach().std()) < 0.16
+    with pytest.raises(TypeError, match="unknown arguments"):
+        build_model("vit-fashion", depth=3)
+    assert len(build_model("vit-fashion", num_layers=2).encoder.layers) == 2
 
 
 def test_build_model_kwargs():

@@ -388,8 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         commands.status("interrupted")
         return 130
-    except (ValueError, FileNotFoundError, OSError) as error:
-        # expected problems (bad paths, mismatched weights, missing data): one clear line, no traceback
+    except (ValueError, FileNotFoundError, OSError, ImportError) as error:
+        # expected problems (bad paths, mismatched weights, missing data, an optional package such as
+        # torchvision not installed): one clear line, no traceback
         print(f"lbyl {args.command}: error: {error}", file=sys.stderr)
         return 1
 

@@ -19,6 +19,7 @@ from .resnet_cifar import CifarResNet, resnet20, resnet32, resnet44, resnet56, r
 from .resnet_imagenet import ResNet, resnet18, resnet34, resnet50, resnet101
 from .vgg_cifar import VGGCifar, vgg16_bn_cifar
 from .vgg_imagenet import VGG, vgg16_bn
+from .vit import vit_fashion
 
 __all__ = [
     "ALIASES",
@@ -52,4 +53,5 @@ __all__ = [
     "resnet_cifar",
     "vgg16_bn",
     "vgg16_bn_cifar",
+    "vit_fashion",
 ]

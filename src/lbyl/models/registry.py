@@ -22,6 +22,7 @@ from .resnet_cifar import resnet20, resnet32, resnet44, resnet56, resnet110
 from .resnet_imagenet import resnet18, resnet34, resnet50, resnet101
 from .vgg_cifar import vgg16_bn_cifar
 from .vgg_imagenet import vgg16_bn
+from .vit import vit_fashion
 
 __all__ = [
     "ModelInfo",
@@ -98,6 +99,10 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], ModelInfo]] = {
         ModelInfo(**_CIFAR, description="VGG-16-BN for CIFAR-10 (network-slimming / Neuron Merging variant)"),
     ),
     "demo-cnn": (demo_cnn, ModelInfo(**_FASHION, description="small 3-conv CNN for FashionMNIST")),
+    "vit-fashion": (
+        vit_fashion,
+        ModelInfo(**_FASHION, description="small ViT for FashionMNIST (torchvision's VisionTransformer; needs torchvision)"),
+    ),
     "resnet18": (resnet18, ModelInfo(**_IMAGENET, description="ResNet-18 for ImageNet (torchvision layout)")),
     "resnet34": (resnet34, ModelInfo(**_IMAGENET, description="ResNet-34 for ImageNet (torchvision layout)")),
     "resnet50": (resnet50, ModelInfo(**_IMAGENET, description="ResNet-50 for ImageNet (torchvision layout)")),
