@@ -40,6 +40,18 @@ def test_checkpoint_is_package_data_and_loads_without_pickle(monkeypatch):
     assert int(model.bn2.num_batches_tracked) > 0
 
 
+def test_bundled_checkpoints_are_named_by_model():
+    from lbyl.demo import BUNDLED_WEIGHTS, bundled_weights
+
+    assert BUNDLED_WEIGHTS == {"demo-cnn": DEMO_WEIGHTS, "vit-fashion": "vit-fashion-mnist.safetensors"}
+    for name, filename in BUNDLED_WEIGHTS.items():
+        with bundled_weights(name) as path:
+            assert path.name == filename and 0 < path.stat().st_size < 5_000_000
+    with pytest.raises(ValueError, match="no checkpoint of 'resnet20' ships with lbyl"):
+        with bundled_weights("resnet20"):
+            pass
+
+
 def test_demo_fast_writes_its_files(capsys, tmp_path):
     fashion_mnist_test()
     out = tmp_path / "demo"

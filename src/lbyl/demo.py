@@ -19,7 +19,10 @@ from .data import load_fashion_mnist
 from .models.registry import build_model, example_input, load_weights, model_info
 from .sweep import format_table, run_sweep, subset, write_outputs
 
-__all__ = ["DEMO_MODEL", "DEMO_WEIGHTS", "DEMO_RATIOS", "FAST_RATIOS", "FAST_LIMIT", "demo_weights", "load_demo_model", "run_demo"]
+__all__ = [
+    "BUNDLED_WEIGHTS", "DEMO_MODEL", "DEMO_WEIGHTS", "DEMO_RATIOS", "FAST_RATIOS", "FAST_LIMIT", "bundled_weights",
+    "demo_weights", "load_bundled_model", "load_demo_model", "run_demo",
+]  # fmt: skip
 
 DEMO_MODEL = "demo-cnn"
 DEMO_WEIGHTS = "demo-cnn-fashion-mnist.safetensors"
@@ -29,25 +32,46 @@ FAST_RATIOS = (0.3, 0.6)
 FAST_LIMIT = 1000
 
 
+#: checkpoints that ship inside the package (lbyl/assets/), by registry name; python -m lbyl.train makes them
+BUNDLED_WEIGHTS = {
+    DEMO_MODEL: DEMO_WEIGHTS,
+    "vit-fashion": "vit-fashion-mnist.safetensors",
+}
+
+
 @contextmanager
-def demo_weights():
-    """Path of the bundled demo checkpoint (extracted to a temporary file if the package is zipped)."""
-    ref = resources.files("lbyl") / "assets" / DEMO_WEIGHTS
+def bundled_weights(model_name: str = DEMO_MODEL):
+    """Path of a checkpoint bundled with the package (extracted to a temporary file if the package is zipped)."""
+    if model_name not in BUNDLED_WEIGHTS:
+        raise ValueError(f"no checkpoint of {model_name!r} ships with lbyl; bundled: {', '.join(BUNDLED_WEIGHTS)}")
+    filename = BUNDLED_WEIGHTS[model_name]
+    ref = resources.files("lbyl") / "assets" / filename
     if not ref.is_file():
         raise FileNotFoundError(
-            f"the demo checkpoint {DEMO_WEIGHTS} is missing from the lbyl package (lbyl/assets/); "
-            "reinstall lbyl, or regenerate it with 'python -m lbyl.train --out src/lbyl/assets/" + DEMO_WEIGHTS + "'"
+            f"the checkpoint {filename} is missing from the lbyl package (lbyl/assets/); reinstall lbyl, or "
+            f"regenerate it with 'python -m lbyl.train --model {model_name} --out src/lbyl/assets/{filename}'"
         )
     with resources.as_file(ref) as path:
         yield Path(path)
 
 
-def load_demo_model() -> torch.nn.Module:
-    """The trained demo CNN, in eval mode (read from safetensors, never unpickled)."""
-    model = build_model(DEMO_MODEL)
-    with demo_weights() as path:
+def demo_weights():
+    """Path of the bundled demo checkpoint (a context manager, see :func:`bundled_weights`)."""
+    return bundled_weights(DEMO_MODEL)
+
+
+def load_bundled_model(model_name: str = DEMO_MODEL) -> torch.nn.Module:
+    """A model trained by ``python -m lbyl.train`` that ships with lbyl, in eval mode
+    (read from safetensors, never unpickled). ``vit-fashion`` needs torchvision."""
+    model = build_model(model_name)
+    with bundled_weights(model_name) as path:
         load_weights(model, path)
     return model.eval()
+
+
+def load_demo_model() -> torch.nn.Module:
+    """The trained demo CNN, in eval mode (read from safetensors, never unpickled)."""
+    return load_bundled_model(DEMO_MODEL)
 
 
 def default_threads() -> int:
