@@ -51,7 +51,7 @@ RECIPES = {
     "demo-cnn": Recipe("sgd", epochs=8, lr=0.1, weight_decay=5e-4, threads=1),
     # one thread: on two shared cores a training step of this ViT ran five times faster than with two
     "vit-fashion": Recipe(
-        "adamw", epochs=10, lr=1e-3, weight_decay=0.05, threads=1, warmup_epochs=1.0, label_smoothing=0.1,
+        "adamw", epochs=20, lr=2e-3, weight_decay=0.05, threads=1, warmup_epochs=1.0, label_smoothing=0.1,
         no_decay=("class_token", "encoder.pos_embedding"),
     ),
 }
