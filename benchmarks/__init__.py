@@ -11,5 +11,8 @@ API of :mod:`lbyl` only. Run the experiments from the repository root:
   (``docs/ablation.md``);
 - ``python -m benchmarks.coverage --doc docs/architectures.md`` (needs torchvision):
   every torchvision classification architecture through ``lbyl.restore``
-  (results tracked in ``benchmarks/coverage/``, report in ``docs/architectures.md``).
+  (results tracked in ``benchmarks/coverage/``, report in ``docs/architectures.md``);
+- ``python -m benchmarks.vit_mlp --doc docs/transformers.md`` (needs torchvision): the MLP
+  hidden neurons of the small ViT that ships with lbyl, removed with prune, nm and lbyl
+  (results tracked in ``benchmarks/vit/``, report in ``docs/transformers.md``).
 """
