@@ -193,3 +193,14 @@ def test_smoke_run_resumes(tmp_path, capsys):
     assert doc.read_text() == vit_mlp.render(second)
     assert vit_mlp.main(["--csv", str(csv_path), "--report-only", "--doc", str(doc)]) == 0
     assert doc.read_text() == vit_mlp.render(second)
+
+
+def test_plot_of_made_up_results(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (the 'plot' extra)")
+    rows = [fake_row(UNPRUNED, 0.0, 90.0)] + [fake_row(m, 0.5, a) for m, a in zip(vit_mlp.METHODS, (80.0, 84.0, 86.0))]
+    doc = tmp_path / "docs" / "transformers.md"
+    vit_mlp.write_report(rows, doc)
+    assert (doc.parent / "img" / vit_mlp.PLOT_NAME).stat().st_size > 10_000
+    assert doc.read_text() == vit_mlp.render(rows)
+    only_errors = [rows[0], fake_row("lbyl", 0.5, error="ValueError: nothing")]
+    assert vit_mlp.plot(only_errors, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
