@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,16 @@ def unimportable_model(tmp_path):
     build_model("no_such_package.nets:small_cnn")
 
 
+def model_needs_torchvision(tmp_path):
+    from unittest import mock
+
+    with mock.patch.dict(sys.modules):  # sys.modules is restored afterwards
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision"] = None  # as if torchvision were not installed
+        build_model("vit-fashion")
+
+
 def weights_not_found(tmp_path):
     load_weights(build_model("demo-cnn"), tmp_path / "missing.pt")
 
@@ -394,7 +405,7 @@ CASES = {f.__name__.replace("_", "-"): f for f in [
     no_ratio, invalid_kept, plan_with_other_choices, plan_for_another_model, method_class_not_object,
     correction_not_bool, threshold_out_of_range, target_out_of_range, target_unreachable, target_and_ratio,
     model_not_traceable, load_without_model, load_with_another_class, load_with_other_widths, save_without_report, criterion_wrong_shape, criterion_not_finite, custom_method_wrong_shape,
-    unimportable_model, weights_not_found, corrupt_weights, truncated_weights, corrupt_safetensors,
+    unimportable_model, model_needs_torchvision, weights_not_found, corrupt_weights, truncated_weights, corrupt_safetensors,
     mismatched_state_dict, wrong_num_classes, pickle_checkpoint, no_state_dict, restored_folder_missing,
     not_a_restored_folder, tampered_weights, plan_from_another_architecture, missing_fashion_mnist,
     missing_cifar10, export_unknown_format, cli_ratio_out_of_range, cli_unknown_method, cli_weights_not_found,
