@@ -109,12 +109,15 @@ def test_channel_shuffle_skips_the_layers_it_scrambles():
     torch.manual_seed(0)
     model, x = randomise_bn(ShuffleNetLike()), torch.randn(1, 3, 8, 8)
     groups, skipped = skipped_of(model, x)
-    assert groups == ["head.0"]  # after the last shuffle
+    # each unit's hidden channels (1x1 -> depthwise -> 1x1) stay inside the branch; the shuffle follows it
+    assert groups == ["units.0.branch.0", "units.1.branch.0", "units.2.branch.0", "head.0"]
     for unit in range(3):
         assert skipped[f"units.{unit}.branch.5"] == "unsupported operation TransposeBackward0"
-        assert skipped[f"units.{unit}.branch.3"] == "grouped or depthwise convolution"
+        assert skipped[f"units.{unit}.branch.3"] == (
+            f"depthwise convolution: pruned and restored with units.{unit}.branch.0's channels"
+        )
     report = restores_cleanly(model, x)
-    assert [layer.name for layer in report.layers] == ["head.0"]
+    assert [layer.name for layer in report.layers] == groups
 
 
 def test_a_failed_index_mapping_is_recorded_per_operation():

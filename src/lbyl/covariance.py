@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .activations import as_activation
+from .activations import as_activation, hermite_channel_covariance
 from .delivery import ProducerStats, bn_affine, scaled_filters
 
 INPUT_MODELS = ("white", "bn")
@@ -129,27 +129,33 @@ def solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_model: s
     ReLU follow: every filter is then rebuilt exactly before the ReLU, that loss is
     zero and cannot tell solutions apart, so the activation error alone decides).
     ``kept_filters`` are the kept BN-scaled filters. ``activation``: an
-    :class:`lbyl.activations.Activation` or its name; only a ReLU has the post-activation
-    solve, every other activation keeps the pre-activation one.
+    :class:`lbyl.activations.Activation` or its name; in that case any activation other
+    than the identity is measured after it (``"after-activation"`` for all but the ReLU,
+    whose sampled covariance predates the deterministic one and keeps the published tables).
     """
     if stats.activation_covariance is not None:
         return "after-activation"
     if stats.bn is None:
         return "white"
-    if as_activation(activation).name == "relu" and spans_input_space(kept_filters):
-        return "after-relu"
+    name = as_activation(activation).name
+    if name != "identity" and spans_input_space(kept_filters):
+        return "after-relu" if name == "relu" else "after-activation"
     return input_model
 
 
-def channel_covariance(stats: ProducerStats, input_model: str, space: str, gram: torch.Tensor | None = None) -> torch.Tensor:
+def channel_covariance(
+    stats: ProducerStats, input_model: str, space: str, gram: torch.Tensor | None = None, activation=None
+) -> torch.Tensor:
     """Covariance of the channels a consumer reads, in the space LBYL was solved in (N x N).
 
     ``space="after-relu"``: of the ReLU outputs, ``z`` Gaussian with means ``beta``
     and the input model's covariance; otherwise of the BN outputs themselves.
     """
-    if space == "after-activation":
+    if space == "after-activation" and stats.activation_covariance is not None:
         return stats.activation_covariance.to(torch.float64)
     covariance = preactivation_covariance(stats, input_model, gram)
+    if space == "after-activation":  # deterministic (Mehler), unlike the ReLU's sampled covariance
+        return hermite_channel_covariance(activation, stats.bn.beta.to(torch.float64), covariance)
     if space == "after-relu":
         return relu_covariance(stats.bn.beta.to(torch.float64), covariance)
     return covariance

@@ -159,7 +159,7 @@ class LBYL(Method):
             lambda2 = gcv_lambda2(stats, kept, pruned, self.lambda1) if len(pruned) else 0.0
         covariance = None
         if space != "white" or (self.variance_correction and len(pruned)):
-            covariance = channel_covariance(stats, self.input_model, space, gram)
+            covariance = channel_covariance(stats, self.input_model, space, gram, activation)
         metric = white if space == "white" else (covariance[kept][:, kept], covariance[kept][:, pruned])
         delivery, condition = solve_normal_equations(*lbyl_system(*metric, b, kept, pruned, self.lambda1, lambda2))
         loss = {
