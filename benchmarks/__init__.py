@@ -14,5 +14,7 @@ API of :mod:`lbyl` only. Run the experiments from the repository root:
   (results tracked in ``benchmarks/coverage/``, report in ``docs/architectures.md``);
 - ``python -m benchmarks.vit_mlp --doc docs/transformers.md`` (needs torchvision): the MLP
   hidden neurons of the small ViT that ships with lbyl, removed with prune, nm and lbyl
-  (results tracked in ``benchmarks/vit/``, report in ``docs/transformers.md``).
+  (results tracked in ``benchmarks/vit/``, report in ``docs/transformers.md``);
+- ``python -m benchmarks.imagenet_lite0``: EfficientNet-Lite0 on 1,000 ImageNet samples
+  (results tracked in ``benchmarks/imagenet/``, report in ``docs/imagenet.md``).
 """
