@@ -331,8 +331,12 @@ def lbyl_paper_delivery(
     diagonal = lambda2 * k_ratio**2 + (lambda1 * c2 * a_kept.dot(a_kept))[:, None]  # |P| x |K|
     matrices = gram.expand(len(pruned), n_kept, n_kept) + torch.diag_embed(diagonal)
     rhs = rhs.T + (lambda1 * c2 * a[pruned])[:, None] * a_kept[None, :]  # |P| x |K|
-    solution, info = torch.linalg.solve_ex(matrices, rhs.unsqueeze(-1))
-    if int(info.max()) != 0:  # singular: minimum-norm solutions
+    # factor first and solve only a nonsingular batch: a singular factor's pivots make
+    # the multithreaded LU solve raise instead of reporting
+    factors, pivots, info = torch.linalg.lu_factor_ex(matrices)
+    if int(info.max()) == 0:
+        solution = torch.linalg.lu_solve(factors, pivots, rhs.unsqueeze(-1))
+    else:  # singular: minimum-norm solutions
         solution = torch.linalg.pinv(matrices, hermitian=True) @ rhs.unsqueeze(-1)
     delivery[rows[:, None], columns[None, :]] = solution.squeeze(-1).T  # |K| x |P|
     return delivery
