@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import statistics
 from .correction import padded_conv_coverage
 from .counting import MacTally, count_ops_and_params, count_params, counting, eval_mode, recount
 from .budget import check_target, predicted_size, ratio_for_budget
@@ -156,7 +157,9 @@ class _Clock:
 
 def _solve_and_apply(target, traced: Traced, pairs, method: Method, order: str, criterion: str, clock) -> list[LayerRecord]:
     """Per layer: read its statistics, let the method solve, fold the solution into the consumers."""
-    reader = _StatsReader([g for g, _ in pairs], order)
+    reader = _StatsReader([g for g, _ in pairs], order, method.needs_statistics)
+    if method.needs_statistics:  # input moments of layers without BN, from the model before any edit
+        statistics.prepare(g.input_source for g, _ in pairs)
     coverage = {}
     if method.mean_correction and pairs:  # border taps of padded consumers read zeros: weight the mean offset by coverage
         seen = {call.module: tuple(call.in_shape[2:]) for call in traced.tally.calls or ()}
@@ -187,19 +190,20 @@ class _StatsReader:
     ``sequential``: as edited so far, without the input channels already removed upstream.
     """
 
-    def __init__(self, groups: list[RestorableGroup], order: str):
+    def __init__(self, groups: list[RestorableGroup], order: str, moments: bool = True):
         self.unread = {g.producer: g for g in groups} if order == "original" else {}
-        self.order, self.snapshots, self.dropped = order, {}, {}
+        self.order, self.snapshots, self.dropped, self.moments = order, {}, {}, moments
 
     def read(self, group):
         self.unread.pop(group.producer, None)
-        return self.snapshots.pop(group.name, None) or layer_stats(group, sorted(self.dropped.get(group.producer, ())))
+        dropped = sorted(self.dropped.get(group.producer, ()))
+        return self.snapshots.pop(group.name, None) or layer_stats(group, dropped, moments=self.moments)
 
     def before_editing(self, group, pruned: torch.Tensor):
         for consumer in group.consumers:
             later = self.unread.pop(consumer.module, None)
             if later is not None:
-                self.snapshots[later.name] = layer_stats(later)
+                self.snapshots[later.name] = layer_stats(later, moments=self.moments)
             if self.order == "sequential":  # the columns that go: a later producer no longer has them
                 columns = consumer.positions[pruned.cpu()].flatten().tolist()
                 self.dropped.setdefault(consumer.module, set()).update(columns)

@@ -31,15 +31,20 @@ def expected_relu(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
 
 
 def expected_activation(stats: ProducerStats, activation: Activation | str) -> torch.Tensor | None:
-    """Expected output of every channel after the activation, or None without BatchNorm.
+    """Expected output of every channel after the activation, or None without statistics.
 
-    ``E[f(z)]`` for ``z ~ N(beta, gamma^2)``; a PReLU's per-channel slopes follow the
-    channels. Without BN nothing describes the channel's distribution, so no correction is made.
+    ``E[f(z)]`` for ``z ~ N(beta, gamma^2)`` after a BatchNorm, or ``z ~ N(m, C_ii)`` with
+    the data-free moments of a layer without one (:mod:`lbyl.statistics`); a PReLU's
+    per-channel slopes follow the channels. Without either nothing describes the
+    channel's distribution, so no correction is made.
     """
-    if stats.bn is None:
+    if stats.bn is not None:
+        mean, std = stats.bn.beta.to(torch.float64), stats.bn.gamma.to(torch.float64).abs()
+    elif stats.moments is not None:
+        mean, std = stats.moments.mean, stats.moments.covariance.diagonal().clamp_min(0).sqrt()
+    else:
         return None
     activation = activations.as_activation(activation)
-    mean, std = stats.bn.beta.to(torch.float64), stats.bn.gamma.to(torch.float64).abs()
     if activation == "relu":
         return expected_relu(mean, std)
     if activation == "identity":

@@ -79,10 +79,14 @@ def preactivation_covariance(stats: ProducerStats, input_model: str = "bn", gram
 
     ``"bn"``: ``Sigma`` from :func:`input_covariance`, kept in N x N form as
     ``sigma2 W' W'^T + (W' W^T) diag(alpha) (W W'^T)``; ``"white"``, or no BN: ``Sigma = I``.
+    Without BN but with data-free statistics (``stats.moments``, :mod:`lbyl.statistics`):
+    their covariance, ``W C_x W^T`` for the input covariance ``C_x`` of the statistics model.
     ``gram``: ``W' W'^T`` if the caller has it (not computed twice).
     """
     if input_model not in INPUT_MODELS:
         raise ValueError(f"unknown input_model {input_model!r}; choose one of {', '.join(INPUT_MODELS)}")
+    if stats.bn is None and stats.moments is not None:  # the data-free statistics of a layer without BN
+        return stats.moments.covariance
     w, _ = scaled_filters(stats)
     gram = w @ w.T if gram is None else gram
     terms = _covariance_terms(stats) if input_model == "bn" else None

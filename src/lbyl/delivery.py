@@ -28,11 +28,22 @@ class BatchNormStats:
 
 
 @dataclass(frozen=True)
+class PreactivationMoments:
+    """Data-free mean (N) and covariance (N x N) of a producer's outputs before its activation,
+    for a producer without BatchNorm (:mod:`lbyl.statistics`); ``source`` says where they come from."""
+
+    mean: torch.Tensor
+    covariance: torch.Tensor
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class ProducerStats:
     """Everything restoration may read about one producer layer.
 
     ``filters`` is N x M (flattened output filters), ``bias`` the producer's
-    own bias (or None), ``bn`` the BatchNorm that follows it (or None).
+    own bias (or None), ``bn`` the BatchNorm that follows it (or None), ``moments``
+    the data-free statistics of its outputs when no BatchNorm follows (or None).
     ``activation_covariance``: the covariance of the channels as the consumers read
     them (after the activation), when the statistics are a model of a later stage
     (:mod:`lbyl.depthwise`); LBYL then measures its error there.
@@ -42,6 +53,7 @@ class ProducerStats:
     bias: torch.Tensor | None = None
     bn: BatchNormStats | None = None
     activation_covariance: torch.Tensor | None = None
+    moments: PreactivationMoments | None = None
 
     @property
     def channels(self) -> int:

@@ -20,6 +20,7 @@ from .delivery import BatchNormStats, ProducerStats
 from .depthwise import depthwise_chain_stats
 from .graph import RestorableGroup, SkippedLayer
 from .report import SkippedRecord, format_table, percent
+from .statistics import producer_moments, reads_layernorm
 
 PLAN_VERSION = 1
 
@@ -166,12 +167,13 @@ def check_kept(name: str, channels, total: int) -> list[int]:
     return sorted(values)
 
 
-def producer_stats(group: RestorableGroup, dropped_inputs=()) -> ProducerStats:
+def producer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = False) -> ProducerStats:
     """Read a group's producer weights and BN statistics as float64 copies.
 
     ``dropped_inputs`` removes input columns (sequential order: inputs already
     pruned upstream no longer exist). Copies, never views: the module may be
-    edited in place after this snapshot is taken.
+    edited in place after this snapshot is taken. ``moments``: also the data-free
+    statistics of a producer without BatchNorm (:func:`lbyl.statistics.producer_moments`).
     """
     weight = group.producer.weight.detach().to(torch.float64, copy=True)
     if len(dropped_inputs):
@@ -183,13 +185,15 @@ def producer_stats(group: RestorableGroup, dropped_inputs=()) -> ProducerStats:
         filters=weight.reshape(weight.shape[0], -1),
         bias=bias.detach().to(torch.float64, copy=True) if bias is not None else None,
         bn=_bn_stats(group.bn, weight.shape[0], weight.device) if group.bn is not None else None,
+        moments=producer_moments(group, weight, bias, dropped_inputs) if moments else None,
     )
 
 
-def layer_stats(group: RestorableGroup, dropped_inputs=()) -> ProducerStats:
+def layer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = False) -> ProducerStats:
     """The statistics a method solves with: the producer's, or, through a depthwise stage,
-    those of the stage's output channels (:func:`lbyl.depthwise.depthwise_chain_stats`)."""
-    stats = producer_stats(group, dropped_inputs)
+    those of the stage's output channels (:func:`lbyl.depthwise.depthwise_chain_stats`).
+    ``moments``: see :func:`producer_stats`."""
+    stats = producer_stats(group, dropped_inputs, moments)
     stage = group.stage
     if stage is None:
         return stats
@@ -226,9 +230,11 @@ def ranking_filters(stats: ProducerStats) -> torch.Tensor:
 
 def default_layers(groups: list[RestorableGroup]) -> list[RestorableGroup]:
     """The paper's protocol as a generic rule: a network with restorable convolutions prunes
-    those (its Linear head stays whole); a network without (an MLP) prunes its hidden Linear layers."""
-    convs = [g for g in groups if not isinstance(g.producer, nn.Linear)]
-    return convs or list(groups)
+    those (its Linear head stays whole), together with the hidden layers of its transformer MLPs
+    (Linear layers whose input goes back to a LayerNorm: ViT, Swin, ConvNeXt blocks); a network
+    with neither (an MLP) prunes its hidden Linear layers."""
+    body = [g for g in groups if not isinstance(g.producer, nn.Linear) or reads_layernorm(g.input_source)]
+    return body or list(groups)
 
 
 def select_groups(groups, skipped: list[SkippedLayer], layers) -> list[RestorableGroup]:

@@ -152,6 +152,8 @@ def apply_solution(group: RestorableGroup, kept, pruned, solution, coverage: dic
     device = solution.delivery.device
     for consumer in group.consumers:
         positions = consumer.positions.to(device)
+        bias = consumer.module.bias
+        bias_before = bias.detach().to(torch.float64, copy=True) if bias is not None else None
         if solution.mean_shift is not None:
             offset = consumer_offset(consumer.module.weight, positions, pruned, solution.mean_shift,
                                      coverage.get(consumer.module))  # fmt: skip
@@ -160,7 +162,43 @@ def apply_solution(group: RestorableGroup, kept, pruned, solution, coverage: dic
         if solution.covariance is not None and bn is not None and bn.running_var is not None:
             sums = channel_sums(consumer.module.weight, positions)
             scale_running_variance(bn, variance_ratio(sums, kept, pruned, solution.delivery, solution.covariance))
+        elif solution.covariance is not None and solution.channel_means is not None and bn is None:
+            rescale_without_batchnorm(consumer, kept, pruned, solution, bias_before)
     apply_delivery(group.consumers, kept, pruned, solution.delivery)
+
+
+def rescale_about_mean(module: nn.Linear, scale: torch.Tensor, mean: torch.Tensor) -> None:
+    """``y -> mean + scale (y - mean)`` per output of a Linear layer, folded into its weight and bias."""
+    with torch.no_grad():
+        weight = module.weight
+        weight.copy_((weight.to(torch.float64) * scale[:, None].to(weight.device)).to(weight.dtype))
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                                       requires_grad=weight.requires_grad)  # fmt: skip
+        bias = module.bias
+        shifted = bias.to(torch.float64) * scale.to(bias.device) + (mean * (1 - scale)).to(bias.device)
+        bias.copy_(shifted.to(bias.dtype))
+
+
+def rescale_without_batchnorm(consumer: Consumer, kept, pruned, solution, bias_before: torch.Tensor | None) -> None:
+    """The variance correction of a Linear consumer that no BatchNorm reads.
+
+    A BatchNorm after the consumer would divide by its running standard deviation; the
+    correction of section 5d rescales that by the predicted variance ratio ``r``. Without one
+    the same is folded into the consumer: each output is scaled by ``1 / sqrt(r)`` about its
+    predicted mean ``sum_c V[o, c] E f(z_c) + bias`` (the mean the mean correction restores).
+    Only for a Linear consumer that reads nothing but this producer (else its mean is unknown).
+    """
+    module = consumer.module
+    if not isinstance(module, nn.Linear) or consumer.positions.numel() != module.weight.shape[1]:
+        return
+    sums = channel_sums(module.weight, consumer.positions.to(solution.delivery.device))
+    ratio = variance_ratio(sums, kept, pruned, solution.delivery, solution.covariance)
+    mean = sums @ solution.channel_means.to(sums.device)
+    if bias_before is not None:
+        mean = mean + bias_before.to(mean.device)
+    scale = torch.where(ratio > 0, ratio.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.ones_like(ratio))
+    rescale_about_mean(module, scale, mean)
 
 
 def removal_indices(pairs) -> tuple[dict, dict]:
