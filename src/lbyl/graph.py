@@ -25,6 +25,8 @@ from .activations import Activation
 #: layer types whose output channels lbyl prunes and whose input channels it edits
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: subclasses with the weight layout of their base (nn.MultiheadAttention's out_proj)
+SAME_LAYOUT = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
 
 # autograd node names (prefixes) of operations a group may pass through
 _CHANNELWISE = ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool", "CloneBackward", "AliasBackward")
@@ -79,6 +81,7 @@ class RestorableGroup:
     consumers: list[Consumer]
     path: list[str] = field(default_factory=list)
     stage: DepthwiseStage | None = None
+    input_source: object = None  # lbyl.statistics.InputSource of a producer without BatchNorm, or None
 
     @property
     def channels(self) -> int:
@@ -261,7 +264,7 @@ def _classify(node, spatial_dims: int = 2) -> str:
     if node.type != ops.OPTYPE.ELEMENTWISE:
         raise _Unsupported(f"feeds {type(module).__name__} {node.name.split(' ')[0]}")
     name = _op_name(node)
-    if name.startswith(_CHANNELWISE):
+    if name.startswith(_CHANNELWISE) or _own_matmul(node):
         return "channelwise"
     if name.startswith("ConstantPadNd"):  # TensorFlow-style "same" padding before a strided conv
         pad = tuple(getattr(node.grad_fn, "_saved_pad", ()))
@@ -281,6 +284,17 @@ def _classify(node, spatial_dims: int = 2) -> str:
     if name.startswith(_UNMODELLED):
         raise _Unsupported(f"activation {short} is not modelled")
     raise _Unsupported(f"unsupported operation {name}")
+
+
+def _own_matmul(node) -> bool:
+    """The matrix product of a Linear layer applied to a token tensor: torch flattens the
+    tokens, multiplies and restores the shape, so the product is recorded apart from the
+    layer's own node, which it feeds alone. It maps features to the layer's inputs one to one."""
+    return (
+        _op_name(node).startswith(("AddmmBackward", "MmBackward"))
+        and len(node.outputs) == 1
+        and isinstance(node.outputs[0].module, nn.Linear)
+    )
 
 
 def _activation(node, channels: int, before: Activation | None) -> Activation:
@@ -491,15 +505,15 @@ def find_groups(
     if dg is None:
         dg = build_dependency_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
-    groups, skipped = [], []
+    groups, skipped, sources = [], [], {}
     for name, module in model.named_modules():
         if not isinstance(module, WEIGHTED):
             continue
-        if type(module) not in WEIGHTED:  # subclasses may change the weight layout
+        if type(module) not in WEIGHTED and type(module) not in SAME_LAYOUT:  # subclasses may change the weight layout
             skipped.append(SkippedLayer(name, f"{type(module).__name__} is not a plain Conv/Linear layer"))
             continue
         if module not in dg.module2node:
-            skipped.append(SkippedLayer(name, "not reached by the example inputs"))
+            skipped.append(SkippedLayer(name, _attention_part(name, model) or "not reached by the example inputs"))
             continue
         if _depthwise(module):
             skipped.append(SkippedLayer(name, "grouped or depthwise convolution"))
@@ -534,6 +548,7 @@ def find_groups(
                 consumers=[Consumer(consumers[m], m, positions[m], _next_bn(dg.module2node[m])) for m in consumers],
                 path=path,
                 stage=stage,
+                input_source=_input_source(dg, module, bn, sources),
             )
         )
     return groups, _name_stages(groups, skipped)
@@ -547,3 +562,24 @@ def _name_stages(groups: list[RestorableGroup], skipped: list[SkippedLayer]) -> 
         if s.name in owner else s
         for s in skipped
     ]
+
+
+def _attention_part(name: str, model: nn.Module) -> str | None:
+    """The skip reason of a projection that nn.MultiheadAttention applies itself (not as a module call)."""
+    parent = name.rpartition(".")[0]
+    owner = model.get_submodule(parent) if parent else model
+    if isinstance(owner, nn.MultiheadAttention):
+        return f"attention projection of {parent or 'the model'}: the attention heads and the residual stream stay whole"
+    return None
+
+
+def _input_source(dg, module, bn, memo: dict):
+    """Where a Linear producer without BatchNorm gets its input (:func:`lbyl.statistics.input_source`)."""
+    if bn is not None or not isinstance(module, nn.Linear):
+        return None
+    from .statistics import input_source
+
+    try:
+        return input_source(dg, dg.module2node[module], memo)
+    except Exception:  # statistics are an improvement, never a reason to fail
+        return None
