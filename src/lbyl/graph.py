@@ -565,10 +565,10 @@ def _name_stages(groups: list[RestorableGroup], skipped: list[SkippedLayer]) -> 
 
 
 def _attention_part(name: str, model: nn.Module) -> str | None:
-    """The skip reason of a projection that nn.MultiheadAttention applies itself (not as a module call)."""
+    """The skip reason of a projection that an attention module applies itself (not as a module call)."""
     parent = name.rpartition(".")[0]
     owner = model.get_submodule(parent) if parent else model
-    if isinstance(owner, nn.MultiheadAttention):
+    if isinstance(owner, nn.MultiheadAttention) or "Attention" in type(owner).__name__:  # Swin's calls F.linear
         return f"attention projection of {parent or 'the model'}: the attention heads and the residual stream stay whole"
     return None
 
