@@ -252,6 +252,12 @@ def _variants(setup: LenetSetup) -> list[tuple[str, str, dict]]:
     lam = lambda r: LENET_PUBLISHED[r]["lambda2"]  # noqa: E731
     study("ridge without the intercept", "lbyl-paper", lambda r: ReleasedRidge(lam(r), intercept=False))
     study("ridge on w only (no bias column)", "lbyl-paper", lambda r: ReleasedRidge(lam(r), with_bias=False))
+    default = "lbyl.LBYL() (the default)"
+    study(default, "lbyl", lambda r: lbyl.LBYL())
+    study(f"{default} without the variance correction (mean correction only)", "lbyl",
+          lambda r: lbyl.LBYL(variance_correction=False))  # fmt: skip
+    study(f"{default} without either correction", "lbyl",
+          lambda r: lbyl.LBYL(mean_correction=False, variance_correction=False))  # fmt: skip
     study("released protocol (reference)", "nm-paper")
     study("no cosine threshold", "nm-paper", lambda r: lbyl.paper.NeuronMerging())
     study("rank by the norm of w alone (bias not appended)", "nm-paper", criterion=weights_only_l2)

@@ -117,3 +117,20 @@ def test_small_vision_transformer():
         assert bool(torch.isfinite(restored(x)).all())
     assert restored.encoder.layers[0].mlp[0].out_features == 32
     assert report.macs_after < report.macs_before
+
+
+class FunctionalBetween(nn.Module):
+    """fc1 -> GELU -> a functional matrix product with another weight -> fc2: not fc2's own product."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln, self.fc1, self.fc2 = nn.LayerNorm(8), nn.Linear(8, 16), nn.Linear(16, 4)
+        self.mix = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        return self.fc2(nn.functional.linear(nn.functional.gelu(self.fc1(self.ln(x))), self.mix))
+
+
+def test_a_functional_product_is_not_mistaken_for_the_consumer():
+    groups, skipped = find_groups(FunctionalBetween().eval(), torch.randn(3, 8))
+    assert groups == [] and "fc1" in {s.name for s in skipped}

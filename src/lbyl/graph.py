@@ -290,11 +290,21 @@ def _own_matmul(node) -> bool:
     """The matrix product of a Linear layer applied to a token tensor: torch flattens the
     tokens, multiplies and restores the shape, so the product is recorded apart from the
     layer's own node, which it feeds alone. It maps features to the layer's inputs one to one."""
-    return (
-        _op_name(node).startswith(("AddmmBackward", "MmBackward"))
-        and len(node.outputs) == 1
-        and isinstance(node.outputs[0].module, nn.Linear)
-    )
+    if not (_op_name(node).startswith(("AddmmBackward", "MmBackward")) and len(node.outputs) == 1):
+        return False
+    layer = node.outputs[0].module
+    return isinstance(layer, nn.Linear) and any(p is layer.weight for p in _weights_of(node.grad_fn))
+
+
+def _weights_of(grad_fn) -> list:
+    """The parameters a matrix product reads directly or through a transpose (its weight)."""
+    found = []
+    for function, _ in getattr(grad_fn, "next_functions", ()):
+        if function is not None and function.name().startswith("TBackward"):
+            function = function.next_functions[0][0]
+        if function is not None and hasattr(function, "variable"):
+            found.append(function.variable)
+    return found
 
 
 def _activation(node, channels: int, before: Activation | None) -> Activation:

@@ -217,9 +217,13 @@ def producer_moments(group, weight: torch.Tensor, bias, dropped_inputs=()) -> Pr
     source = getattr(group, "input_source", None)
     if group.bn is not None or source is None:
         return None
-    mean, covariance = input_moments(source)
+    try:
+        mean, covariance = input_moments(source)
+    except Exception:  # statistics improve a restoration; a model they do not fit is restored without them
+        return None
+    mean, covariance = mean.to(weight.device), covariance.to(weight.device)
     if len(dropped_inputs):
-        keep = torch.ones(mean.shape[0], dtype=torch.bool)
+        keep = torch.ones(mean.shape[0], dtype=torch.bool, device=weight.device)
         keep[list(dropped_inputs)] = False
         mean, covariance = mean[keep], covariance[keep][:, keep]
     weight = weight.reshape(weight.shape[0], -1)
