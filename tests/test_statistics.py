@@ -125,7 +125,7 @@ def test_mean_and_variance_corrections_without_batchnorm():
     """On standardised inputs (the statistics model's own assumption) the restored layer keeps
     the consumer's mean, which plain pruning shifts; the variance correction then scales every
     output up about that mean (the lost variance predicted before the activation: here it
-    overshoots, the outputs end with more variance than the original, docs/method.md 5f)."""
+    overshoots, the outputs end with more variance than the original, docs/method.md 5g)."""
     model = _mlp(5, widths=(30, 40, 6))  # 10 kept filters do not span the 30 inputs
     x = torch.randn(SAMPLES, 30, dtype=torch.float64)
     mean, cov = _output_moments(model, x)
