@@ -579,7 +579,7 @@ def _attention_part(name: str, model: nn.Module) -> str | None:
     parent = name.rpartition(".")[0]
     owner = model.get_submodule(parent) if parent else model
     if isinstance(owner, nn.MultiheadAttention) or "Attention" in type(owner).__name__:  # Swin's calls F.linear
-        return f"attention projection of {parent or 'the model'}: the attention heads and the residual stream stay whole"
+        return f"attention projection of {parent or 'the model'}: attention and the residual stream stay whole"
     return None
 
 
