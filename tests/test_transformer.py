@@ -134,3 +134,19 @@ class FunctionalBetween(nn.Module):
 def test_a_functional_product_is_not_mistaken_for_the_consumer():
     groups, skipped = find_groups(FunctionalBetween().eval(), torch.randn(3, 8))
     assert groups == [] and "fc1" in {s.name for s in skipped}
+
+
+def test_spanning_kept_neurons_are_solved_after_the_activation():
+    """When the kept fc1 rows span the LayerNorm's output space (16 kept rows, 8 features) every
+    removed row is rebuilt exactly before the GELU, with large coefficients; the statistics of
+    the block then measure the error after the GELU (docs/method.md 5g)."""
+    torch.manual_seed(4)
+    block = Block(8, 32).double().eval()
+    x = torch.randn(4000, 3, 8, dtype=torch.float64)
+    errors = {}
+    for method in ("prune", "lbyl"):
+        restored, report = lbyl.restore(block, x[:1], 0.5, method)
+        with torch.no_grad():
+            errors[method] = float(((restored(x) - block(x)) ** 2).mean())
+    assert report.layers[0].solve == "after-activation"
+    assert errors["lbyl"] < 0.5 * errors["prune"]

@@ -139,9 +139,10 @@ def solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_model: s
     """
     if stats.activation_covariance is not None:
         return "after-activation"
-    if stats.bn is None:
-        return "white"
     name = as_activation(activation).name
+    if stats.bn is None:  # with the statistics of 5g, spanning kept filters are measured after the activation
+        spans = stats.moments is not None and name != "identity" and spans_input_space(kept_filters)
+        return "after-activation" if spans else "white"
     if name != "identity" and spans_input_space(kept_filters):
         return "after-relu" if name == "relu" else "after-activation"
     return input_model
@@ -159,7 +160,8 @@ def channel_covariance(
         return stats.activation_covariance.to(torch.float64)
     covariance = preactivation_covariance(stats, input_model, gram)
     if space == "after-activation":  # deterministic (Mehler), unlike the ReLU's sampled covariance
-        return hermite_channel_covariance(activation, stats.bn.beta.to(torch.float64), covariance)
+        mean = stats.bn.beta if stats.bn is not None else stats.moments.mean
+        return hermite_channel_covariance(activation, mean.to(torch.float64), covariance)
     if space == "after-relu":
         return relu_covariance(stats.bn.beta.to(torch.float64), covariance)
     return covariance
