@@ -52,15 +52,21 @@ def test_duplicated_neuron_is_restored_exactly():
     assert report.layers[0].activation == "gelu"
 
 
+def _output_errors(block, x, error):
+    """``error(restored(x) - block(x))`` after restoring half of fc1 with prune and lbyl; lbyl's report."""
+    errors = {}
+    for method in ("prune", "lbyl"):
+        restored, report = lbyl.restore(block, x[:1], 0.5, method)
+        with torch.no_grad():
+            errors[method] = float(error(restored(x) - block(x)))
+    return errors, report
+
+
 def test_mean_correction_goes_into_fc2_bias():
     torch.manual_seed(1)
     block = Block(16, 64).double().eval()
     x = torch.randn(20000, 3, 16, dtype=torch.float64)
-    errors = {}
-    for method in ("prune", "lbyl"):
-        restored, _ = lbyl.restore(block, x[:1], 0.5, method)
-        with torch.no_grad():
-            errors[method] = float((restored(x) - block(x)).mean(dim=(0, 1)).abs().max())
+    errors, _ = _output_errors(block, x, lambda d: d.mean(dim=(0, 1)).abs().max())
     assert errors["lbyl"] < 0.5 * errors["prune"]
 
 
@@ -143,10 +149,6 @@ def test_spanning_kept_neurons_are_solved_after_the_activation():
     torch.manual_seed(4)
     block = Block(8, 32).double().eval()
     x = torch.randn(4000, 3, 8, dtype=torch.float64)
-    errors = {}
-    for method in ("prune", "lbyl"):
-        restored, report = lbyl.restore(block, x[:1], 0.5, method)
-        with torch.no_grad():
-            errors[method] = float(((restored(x) - block(x)) ** 2).mean())
+    errors, report = _output_errors(block, x, lambda d: (d**2).mean())
     assert report.layers[0].solve == "after-activation"
     assert errors["lbyl"] < 0.5 * errors["prune"]
