@@ -276,6 +276,13 @@ def render(rows: Sequence[dict]) -> str:
     ]
     for torch_v, tv_v, lbyl_v, where in envs:
         lines.append(f"- torch {torch_v}, torchvision {tv_v}, lbyl {lbyl_v}; {where}")
+    versions = sorted({r["lbyl"] for r in run})
+    mixed = len(versions) > 1
+    if mixed:  # a row measured with an older lbyl says so in its own column
+        newest = max(versions, key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()))
+        older = sum(r["lbyl"] != newest for r in run)
+        lines += ["", f"{older} rows were measured with an older lbyl than {newest} (column *lbyl*); "
+                  f"`--rerun --models ...` remeasures them."]  # fmt: skip
     lines += [
         "",
         f"{len(run)} architectures run: " + ", ".join(f"{by_status[s]} {s}" for s in (RESTORED, NOTHING, REFUSED, CRASHED)) + ".",
@@ -291,8 +298,8 @@ def render(rows: Sequence[dict]) -> str:
         "skip reasons (layer names replaced by `<layer>`; count of layers).",
         "",
         "| model | input | status | Conv/Linear | restored / restorable | params removed | MACs removed "
-        "| restore s | finite | ratio 0 identical | top skip reasons |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| restore s | finite | ratio 0 identical | top skip reasons |" + (" lbyl |" if mixed else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if mixed else ""),
     ]
     for r in run:
         reasons = json.loads(r["skip_reasons"]) if r["skip_reasons"] else {}
@@ -301,7 +308,7 @@ def render(rows: Sequence[dict]) -> str:
         lines.append(
             f"| `{r['model']}` | {r['input']} | {r['status']} | {r['layers']} | {restored} | {_percent(r['params_removed'])} "
             f"| {_percent(r['macs_removed'])} | {r['restore_seconds'] or '-'} | {r['finite'] or '-'} "
-            f"| {r['ratio0_identical'] or '-'} | {last} |"
+            f"| {r['ratio0_identical'] or '-'} | {last} |" + (f" {r['lbyl']} |" if mixed else "")
         )
     totals, models = Counter(), Counter()
     for r in run:
