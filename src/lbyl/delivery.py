@@ -343,11 +343,11 @@ def lbyl_paper_delivery(
     diagonal = lambda2 * k_ratio**2 + (lambda1 * c2 * a_kept.dot(a_kept))[:, None]  # |P| x |K|
     matrices = gram.expand(len(pruned), n_kept, n_kept) + torch.diag_embed(diagonal)
     rhs = rhs.T + (lambda1 * c2 * a[pruned])[:, None] * a_kept[None, :]  # |P| x |K|
-    # factor first and solve only a nonsingular batch: a singular factor's pivots make
-    # the multithreaded LU solve raise instead of reporting
-    factors, pivots, info = torch.linalg.lu_factor_ex(matrices)
+    # Gram plus a non-negative diagonal: symmetric, so Cholesky (batched LU with several
+    # threads returned invalid pivots on EfficientNet-Lite0's 1,152-channel layers)
+    factors, info = torch.linalg.cholesky_ex(matrices)
     if int(info.max()) == 0:
-        solution = torch.linalg.lu_solve(factors, pivots, rhs.unsqueeze(-1))
+        solution = torch.cholesky_solve(rhs.unsqueeze(-1), factors)
     else:  # singular: minimum-norm solutions
         solution = torch.linalg.pinv(matrices, hermitian=True) @ rhs.unsqueeze(-1)
     delivery[rows[:, None], columns[None, :]] = solution.squeeze(-1).T  # |K| x |P|
