@@ -410,14 +410,19 @@ def _pair_covariance(act, mu_i, sigma_i, mu_k, sigma_k, rho, slope_i, slope_k, l
     return (weights * (f_i - mean_i[:, None]) * (given_x - mean_k[:, None])).sum(-1)
 
 
+def standardise(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard deviations and correlation matrix of a covariance (zero-variance rows and columns: 0)."""
+    std = covariance.diagonal().clamp_min(0).sqrt()
+    scale = torch.outer(std, std)
+    return std, torch.where(scale > 0, covariance / torch.where(scale > 0, scale, 1.0), 0.0)
+
+
 def channel_covariance(activation, mean: torch.Tensor, covariance_matrix: torch.Tensor) -> torch.Tensor:
     """Covariance matrix (C x C) of ``f(z)`` for ``z ~ N(mean, covariance_matrix)``, per-channel slopes aligned."""
     act = as_activation(activation)
     mean = mean.to(torch.float64)
     cov = covariance_matrix.to(torch.float64)
-    std = cov.diagonal().clamp_min(0).sqrt()
-    scale = torch.outer(std, std)
-    rho = torch.where(scale > 0, cov / torch.where(scale > 0, scale, 1.0), 0.0)
+    std, rho = standardise(cov)
     slope = act.slopes(mean.device) if act.name in ("leaky_relu", "prelu") else None
     pairs = covariance(act, mean[:, None], std[:, None], mean[None, :], std[None, :], rho,
                        None if slope is None else (slope[:, None] if slope.dim() else slope),
@@ -463,13 +468,12 @@ def hermite_channel_covariance(activation, mean: torch.Tensor, covariance_matrix
     act = as_activation(activation)
     mean = mean.to(torch.float64)
     cov = covariance_matrix.to(torch.float64)
-    std = cov.diagonal().clamp_min(0).sqrt()
     if act.name == "identity":
         return cov.clone()
     if act.per_channel:  # per-channel slopes: the pairwise rule aligns them
         return channel_covariance(act, mean, cov)
-    scale = torch.outer(std, std)
-    rho = torch.where(scale > 0, cov / torch.where(scale > 0, scale, 1.0), 0.0).clamp(-1, 1)
+    std, rho = standardise(cov)
+    rho = rho.clamp(-1, 1)
     coefficients = hermite_coefficients(act, mean, std, terms)
     var = variance(act, mean, std)
     result = torch.zeros_like(cov)

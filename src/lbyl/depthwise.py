@@ -27,7 +27,7 @@ from dataclasses import replace
 import torch
 
 from . import activations
-from .activations import Activation, hermite_channel_covariance
+from .activations import Activation, hermite_channel_covariance, standardise
 from .delivery import BatchNormStats, ProducerStats, scaled_filters
 
 
@@ -52,13 +52,6 @@ def spatial_correlation(activation_var: torch.Tensor, kernels: torch.Tensor, mea
     return min(1.0, max(0.0, float((slope * (1 - a)).sum()) / denominator))
 
 
-def correlation(covariance: torch.Tensor) -> torch.Tensor:
-    """The correlation matrix of a covariance (rows and columns of zero variance are 0)."""
-    std = covariance.diagonal().clamp_min(0).sqrt()
-    scale = torch.outer(std, std)
-    return torch.where(scale > 0, covariance / torch.where(scale > 0, scale, 1.0), 0.0)
-
-
 def factor(covariance: torch.Tensor) -> torch.Tensor:
     """``F`` with ``F F^T = covariance`` (N x N; negative eigenvalues of rounding set to 0)."""
     values, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
@@ -79,7 +72,7 @@ def depthwise_chain_stats(
     w, b = scaled_filters(producer)
     if producer.bn is not None:  # BN1's running statistics fix z1's mean and variance
         mean1, std1 = producer.bn.beta.to(torch.float64), producer.bn.gamma.to(torch.float64).abs()
-        cov1 = correlation(w @ w.T) * torch.outer(std1, std1)
+        cov1 = standardise(w @ w.T)[1] * torch.outer(std1, std1)
     else:
         mean1, cov1 = b, w @ w.T
     cov_a = hermite_channel_covariance(activation, mean1, cov1)
@@ -93,7 +86,7 @@ def depthwise_chain_stats(
         bias = expected + (kernel_bias.to(torch.float64) if kernel_bias is not None else 0.0)
         return ProducerStats(filters=factor(cov_d), bias=bias, bn=None)
     std2 = measured.sqrt()
-    cov_d = correlation(cov_d) * torch.outer(std2, std2)
+    cov_d = standardise(cov_d)[1] * torch.outer(std2, std2)
     stats = ProducerStats(filters=factor(cov_d), bias=bn.mean.to(torch.float64), bn=bn)
     if consumer_activation is None:
         return stats
