@@ -124,7 +124,7 @@ def test_a_depth_multiplier_is_skipped_with_the_reason():
     model = randomise_batchnorms(InvertedResidual(multiplier=2))
     groups, skipped = lbyl.find_groups(model, X)
     assert not any(g.name == "expand" for g in groups)
-    assert {s.name: s.reason for s in skipped}["expand"] == "feeds the grouped or depthwise convolution dw"
+    assert {s.name: s.reason for s in skipped}["expand"] == "feeds the depthwise convolution dw, which widens each channel alone"
 
 
 @pytest.mark.parametrize("act", [F.relu6, F.relu, F.silu, F.hardswish])

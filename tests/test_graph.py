@@ -97,7 +97,6 @@ def test_concat_positions_come_from_offsets():
     [
         (nn.Sequential(nn.BatchNorm2d(6), nn.Softmax(dim=1)), "not an element-wise activation"),
         (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(6)), "after the activation"),
-        (nn.Sequential(nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, groups=2)), "grouped"),
         (nn.Sequential(nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 12, 3, groups=6), nn.Conv2d(12, 6, 1)), "depthwise"),
     ],
 )

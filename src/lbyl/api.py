@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import statistics
+from . import grouped, squeeze, statistics
 from .correction import padded_conv_coverage
 from .counting import MacTally, count_ops_and_params, count_params, counting, eval_mode, recount
 from .budget import check_target, predicted_size, ratio_for_budget
@@ -173,10 +173,11 @@ def _solve_and_apply(target, traced: Traced, pairs, method: Method, order: str, 
             device = stats.filters.device
             kept = torch.tensor(layer.kept, dtype=torch.long, device=device)
             pruned = torch.tensor(layer.pruned, dtype=torch.long, device=device)
-            solution = method.solve(stats, kept, pruned, group.consumer_activation)
+            solution = grouped.solve(method, stats, kept, pruned, group.consumer_activation, group.blocks)
+            gates = squeeze.group_gates(group, stats)
         with clock("surgery"):
             reader.before_editing(group, pruned)
-            apply_solution(group, kept, pruned, solution, coverage)
+            apply_solution(group, kept, pruned, solution, coverage, gates)
             _check_finite_edit(group, method.name)
         records.append(_record(layer, method, criterion, solution, time.perf_counter() - t0))
     return records

@@ -50,6 +50,7 @@ class Consumer:
     module: nn.Module
     positions: torch.Tensor  # (channels, slots) long
     next_bn: nn.Module | None = None  # a BatchNorm that alone reads this consumer's output
+    gated: bool = False  # reads the channels after the group's squeeze-and-excitation gate
 
 
 @dataclass
@@ -63,6 +64,21 @@ class DepthwiseStage:
     bn_name: str | None
     bn: nn.Module | None
     activation: Activation  # after the stage's BatchNorm: what the consumers read
+
+
+@dataclass
+class SqueezeExcitation:
+    """A gate that scales every channel by a function of all channel means (squeeze-and-excitation,
+    MobileNet-V3, EfficientNet, RegNet-Y): pool -> ``reduce`` -> ``inner`` -> ``expand`` -> ``gate``,
+    multiplied into the channels. ``reduce`` reads the channels (a consumer of the group);
+    ``expand`` has one output per channel, pruned with it."""
+
+    reduce_name: str
+    reduce: nn.Module
+    inner: Activation
+    expand_name: str
+    expand: nn.Module
+    gate: Activation
 
 
 @dataclass
@@ -82,6 +98,8 @@ class RestorableGroup:
     path: list[str] = field(default_factory=list)
     stage: DepthwiseStage | None = None
     input_source: object = None  # lbyl.statistics.InputSource of a producer without BatchNorm, or None
+    blocks: torch.Tensor | None = None  # block of each channel where a grouped conv ties them (lbyl.grouped), or None
+    excitation: SqueezeExcitation | None = None  # the gate some consumers read the channels through
 
     @property
     def channels(self) -> int:
@@ -325,25 +343,36 @@ def _walk(dg, start, names):
     with a depthwise stage on the way, the BatchNorm and activation are the producer's
     (before the stage) and the stage holds its own.
     """
-    consumers, bns, activations, path, stages = {}, set(), set(), [], set()
+    consumers, bns, activations, path, stages, gates = {}, set(), set(), [], set(), {}
     channels = start.module.weight.shape[0]
 
-    def visit(node, bn_seen, activation, reshaped, stage):
+    def visit(node, bn_seen, activation, reshaped, stage, gate=None):
         if not node.outputs:
             raise _Unsupported("its channels are a model output")
         for nxt in node.outputs:
+            if _op_name(nxt).startswith("MulBackward") and gate is None and not reshaped:
+                found = _excitation(nxt, node, channels, names)
+                if found is not None:
+                    gates[nxt] = found
+                    path.append(f"gate({found.expand_name})")
+                    visit(nxt, bn_seen, activation, reshaped, stage, found)
+                    continue
             kind = _classify(nxt, start.module.weight.dim() - 2)
             label = names.get(nxt.module, _op_name(nxt))
             if kind == "consumer":
+                if gate is not None:
+                    gated.add(nxt.module)
                 if isinstance(nxt.module, nn.Conv2d | nn.Conv1d | nn.Conv3d):
                     if reshaped:
                         raise _Unsupported(f"reshaped before the convolution {label}")
-                    if nxt.module.groups != 1:
-                        if stage is not None or not _is_depthwise_stage(nxt.module, channels):
-                            raise _Unsupported(f"feeds the grouped or depthwise convolution {label}")
+                    if nxt.module.groups != 1 and _is_depthwise_stage(nxt.module, channels):
+                        if stage is not None or gate is not None:
+                            raise _Unsupported(f"feeds the depthwise convolution {label} after another one")
                         path.append(label)
                         visit(nxt, None, None, False, (nxt.module, label, bn_seen, activation or IDENTITY))
                         continue
+                    if nxt.module.groups != 1 and stage is not None:
+                        raise _Unsupported(f"feeds the grouped convolution {label} after a depthwise one")
                 consumers[nxt.module] = label
                 if stage is None:
                     activations.add(activation or IDENTITY)
@@ -366,7 +395,7 @@ def _walk(dg, start, names):
                         "so it normalises with the statistics of each batch"
                     )
                 path.append(label)
-                visit(nxt, nxt.module, activation, reshaped, stage)
+                visit(nxt, nxt.module, activation, reshaped, stage, gate)
                 continue
             after = activation
             if kind == "activation":
@@ -375,13 +404,20 @@ def _walk(dg, start, names):
                     raise _Unsupported(f"reshaped before the per-channel activation {label}")
             if label not in path:
                 path.append(label)
-            visit(nxt, bn_seen, after, reshaped or kind == "reshape", stage)
+            visit(nxt, bn_seen, after, reshaped or kind == "reshape", stage, gate)
 
+    gated = set()
     visit(start, None, None, False, None)
     if not consumers:
         raise _Unsupported("no Conv/Linear layer reads its channels")
-    if len(consumers) > 1:
-        for node in (dg.module2node[m] for m in consumers):
+    if len(gates) > 1:
+        raise _Unsupported("its channels pass through more than one squeeze-and-excitation gate")
+    excitation = next(iter(gates.values()), None)
+    if excitation is not None and excitation.reduce not in consumers:
+        raise _Unsupported(f"the squeeze-and-excitation {excitation.reduce_name} does not read its channels")
+    main = [m for m in consumers if excitation is None or m is not excitation.reduce]
+    if len(main) > 1:
+        for node in (dg.module2node[m] for m in main):
             if _feeds_add(node):
                 raise _Unsupported(
                     f"it is the input of a residual block: {consumers[node.module]} is the block's "
@@ -394,7 +430,57 @@ def _walk(dg, start, names):
         raise _Unsupported(f"different activations on the paths to the consumers ({shown})")
     if len(stages) > 1:
         raise _Unsupported("some consumers read it through a depthwise convolution, others not (or through another)")
-    return consumers, bns.pop(), activations.pop(), path, _stage(stages.pop(), channels, names)
+    return consumers, bns.pop(), activations.pop(), path, _stage(stages.pop(), channels, names), excitation, gated
+
+
+def _excitation(mul, source, channels: int, names) -> SqueezeExcitation | None:
+    """The squeeze-and-excitation gate of a product ``mul`` of the channels (``source``) with a
+    per-channel scale computed from them, or None when ``mul`` is some other product.
+
+    Read backwards from the scale: gate activation <- expand (one output per channel, 1x1 or
+    Linear) <- [inner activation] <- reduce (reads the channels, 1x1 or Linear) <- pooling <- source.
+    """
+    others = [n for n in mul.inputs if n is not source]
+    if len(others) != 1:
+        return None
+    node, gate = others[0], None
+    while is_activation(node) and len(node.inputs) == 1:
+        if gate is not None:
+            return None
+        gate, node = _activation(node, channels, None), node.inputs[0]
+    if gate is None or not _pointwise_weighted(node.module, out=channels):
+        return None
+    expand = node.module
+    node, inner = _skip_reshapes(node.inputs), IDENTITY
+    if node is not None and is_activation(node):
+        inner, node = _activation(node, expand.weight.shape[1], None), _skip_reshapes(node.inputs)
+    if node is None or not _pointwise_weighted(node.module, into=channels):
+        return None
+    reduce = node.module
+    node = _skip_reshapes(node.inputs)
+    for _ in range(4):  # the pooling: AdaptiveAvgPool, a mean over the spatial axes, a flatten
+        if node is None or node is source:
+            break
+        if not _op_name(node).startswith(("AdaptiveAvgPool", "AvgPool", "MeanBackward", "ViewBackward", "ReshapeAlias")):
+            return None
+        node = node.inputs[0] if len(node.inputs) == 1 else None
+    if node is not source:
+        return None
+    return SqueezeExcitation(names.get(reduce, "?"), reduce, inner, names.get(expand, "?"), expand, gate)
+
+
+def _pointwise_weighted(module, out: int | None = None, into: int | None = None) -> bool:
+    """A Linear layer or an ungrouped convolution with a 1x1 kernel, of the given width."""
+    if not isinstance(module, WEIGHTED) or getattr(module, "groups", 1) != 1 or module.weight[0, 0].numel() != 1:
+        return False
+    return (out is None or module.weight.shape[0] == out) and (into is None or module.weight.shape[1] == into)
+
+
+def _skip_reshapes(inputs):
+    node = inputs[0] if len(inputs) == 1 else None
+    while node is not None and node.type == ops.OPTYPE.RESHAPE:
+        node = node.inputs[0] if len(node.inputs) == 1 else None
+    return node
 
 
 def _is_depthwise_stage(module: nn.Module, channels: int) -> bool:
@@ -409,6 +495,40 @@ def _stage(found, channels: int, names) -> DepthwiseStage | None:
     if bn is not None and bn.num_features != channels:
         raise _Unsupported(f"BatchNorm {names.get(bn, '?')} after the depthwise convolution {label} has the wrong width")
     return DepthwiseStage(label, module, names.get(bn) if bn is not None else None, bn, activation)
+
+
+def channel_blocks(producer: nn.Module, consumers: dict, channels: int) -> torch.Tensor | None:
+    """The block of each producer channel where grouped convolutions tie them, or None.
+
+    A grouped producer's output channels and a grouped consumer's input channels fall into
+    its groups; a channel's block is its group in each of them. Pruning must remove as many
+    channels from every block, and a pruned channel can only be delivered within its block
+    (:mod:`lbyl.grouped`). ``consumers``: ``{module: (name, positions)}``.
+    """
+    keys = [[] for _ in range(channels)]
+    if isinstance(producer, nn.Conv1d | nn.Conv2d | nn.Conv3d) and producer.groups > 1:
+        for c in range(channels):
+            keys[c].append(c // (channels // producer.groups))
+    for module, (label, positions) in consumers.items():
+        if not isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) or module.groups == 1:
+            continue
+        if positions.numel() != module.in_channels:
+            raise _Unsupported(f"feeds the grouped convolution {label} together with other layers")
+        width = module.in_channels // module.groups
+        if width == 1:
+            raise _Unsupported(f"feeds the depthwise convolution {label}, which widens each channel alone")
+        for c in range(channels):
+            keys[c].append(int(positions[c, 0]) // width)
+    if not keys[0]:
+        return None
+    labels = {key: i for i, key in enumerate(dict.fromkeys(tuple(k) for k in keys))}
+    blocks = torch.tensor([labels[tuple(k)] for k in keys], dtype=torch.long)
+    sizes = torch.bincount(blocks)
+    if sizes.min() != sizes.max():
+        raise _Unsupported("its grouped convolutions split its channels into blocks of unequal size")
+    if sizes.min() < 2:
+        raise _Unsupported("its grouped convolutions give each of its channels a group of its own")
+    return blocks
 
 
 def _next_bn(node):
@@ -448,8 +568,8 @@ def _consumer_positions(group, consumer_modules, channels):
     return positions
 
 
-def _coupled_producers(group, producer, stage: DepthwiseStage | None = None):
-    own = {producer, stage.module if stage is not None else None}
+def _coupled_producers(group, producer, stage: DepthwiseStage | None = None, excitation=None):
+    own = {producer, stage.module if stage is not None else None, excitation.expand if excitation is not None else None}
     return [
         item.dep.target.module
         for item in group
@@ -460,7 +580,9 @@ def _coupled_producers(group, producer, stage: DepthwiseStage | None = None):
 
 
 def _depthwise(module) -> bool:
-    return isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups != 1
+    """A convolution that filters each input channel alone (any channel multiplier): its outputs
+    are tied to its inputs. Other grouped convolutions prune their outputs in blocks."""
+    return isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups == module.in_channels > 1
 
 
 def _check_batchnorm_width(start, channels: int, names) -> None:
@@ -526,22 +648,23 @@ def find_groups(
             skipped.append(SkippedLayer(name, _attention_part(name, model) or "not reached by the example inputs"))
             continue
         if _depthwise(module):
-            skipped.append(SkippedLayer(name, "grouped or depthwise convolution"))
+            skipped.append(SkippedLayer(name, "depthwise convolution"))
             continue
         try:
             channels = module.weight.shape[0]
             _check_batchnorm_width(dg.module2node[module], channels, names)
-            consumers, bn, activation, path, stage = _walk(dg, dg.module2node[module], names)
+            consumers, bn, activation, path, stage, excitation, gated = _walk(dg, dg.module2node[module], names)
             if bn is not None and bn.num_features != channels:  # e.g. a BatchNorm1d after a flatten
                 raise _Unsupported(
                     f"its BatchNorm {names.get(bn, '?')} normalises {bn.num_features} features, not its {channels} channels"
                 )
             group = _pruning_group(dg, module, channels)
-            coupled = _coupled_producers(group, module, stage)
+            coupled = _coupled_producers(group, module, stage, excitation)
             if coupled:
                 others = ", ".join(names.get(m, "?") for m in coupled[:3])
                 raise _Unsupported(f"output channels are coupled with {others} (residual add or shared channels)")
             positions = _consumer_positions(group, consumers, channels)
+            blocks = channel_blocks(module, {m: (consumers[m], positions[m]) for m in consumers}, channels)
         except _Unsupported as why:
             skipped.append(SkippedLayer(name, str(why)))
             continue
@@ -555,10 +678,12 @@ def find_groups(
                 bn_name=names.get(bn) if bn is not None else None,
                 bn=bn,
                 activation=activation,
-                consumers=[Consumer(consumers[m], m, positions[m], _next_bn(dg.module2node[m])) for m in consumers],
+                consumers=[Consumer(consumers[m], m, positions[m], _next_bn(dg.module2node[m]), m in gated) for m in consumers],
                 path=path,
                 stage=stage,
                 input_source=_input_source(dg, module, bn, sources),
+                blocks=blocks,
+                excitation=excitation,
             )
         )
     return groups, _name_stages(groups, skipped)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import grouped
 from .criteria import keep_count, select_channels
 from .delivery import BatchNormStats, ProducerStats
 from .depthwise import depthwise_chain_stats
@@ -176,7 +177,12 @@ def producer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = Fa
     statistics of a producer without BatchNorm (:func:`lbyl.statistics.producer_moments`).
     """
     weight = group.producer.weight.detach().to(torch.float64, copy=True)
-    if len(dropped_inputs):
+    groups = getattr(group.producer, "groups", 1)
+    if len(dropped_inputs) and groups > 1:  # filters of different groups read different inputs: zero, not drop
+        width, rows = weight.shape[1], weight.shape[0] // groups
+        for c in dropped_inputs:
+            weight[c // width * rows:(c // width + 1) * rows, c % width] = 0
+    elif len(dropped_inputs):
         keep = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
         keep[list(dropped_inputs)] = False
         weight = weight[:, keep]
@@ -275,9 +281,19 @@ def plan_layers(groups, skipped, ratio=None, kept=None, criterion="l2", layers=N
     planned = []
     for group in chosen:
         filters = ranking_filters(producer_stats(group))
-        keep, _ = select_channels(filters, ratios[group.name], criterion, seed)
-        planned.append(_planned(group, keep.tolist(), float(ratios[group.name])))
+        planned.append(_planned(group, _select(filters, ratios[group.name], criterion, seed, group.blocks),
+                                float(ratios[group.name])))  # fmt: skip
     return planned
+
+
+def _select(filters: torch.Tensor, ratio: float, criterion, seed: int, blocks: torch.Tensor | None) -> list[int]:
+    """The kept channels: by the criterion over the layer, or within each block of a grouped conv."""
+    if blocks is None:
+        return select_channels(filters, ratio, criterion, seed)[0].tolist()
+    kept = []
+    for block in grouped.members(blocks):
+        kept += block[select_channels(filters[block], ratio, criterion, seed)[0]].tolist()
+    return sorted(kept)
 
 
 def _planned(group: RestorableGroup, kept: list[int], ratio: float | None) -> PlannedLayer:
@@ -303,6 +319,8 @@ def match_plan(groups, layers: list[PlannedLayer], fix: str = MAKE_A_NEW_PLAN):
             )
         if layer.channels >= 0 and group.channels != layer.channels:
             raise ValueError(f"plan says {layer.name!r} has {layer.channels} channels, the model has {group.channels}; {fix}")
-        pairs.append((group, replace(layer, channels=group.channels, kept=check_kept(layer.name, layer.kept, group.channels))))
+        kept = check_kept(layer.name, layer.kept, group.channels)
+        grouped.check_blocks(layer.name, kept, group.blocks)
+        pairs.append((group, replace(layer, channels=group.channels, kept=kept)))
     order = {g.name: i for i, g in enumerate(groups)}
     return sorted(pairs, key=lambda pair: order[pair[0].name])

@@ -1,10 +1,13 @@
 """Surgery: fold delivery matrices into consumers and remove channels physically."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 from torch_pruning.pruner import function as tp_function
 
+from . import grouped, squeeze
 from .correction import channel_sums, consumer_offset, variance_ratio
 from .graph import BATCHNORMS, Consumer, RestorableGroup
 
@@ -54,14 +57,6 @@ def fold_into_consumer_(
 _FOLD_BLOCK_BYTES = 32 * 2**20
 
 
-def apply_delivery(consumers: list[Consumer], kept, pruned, delivery) -> None:
-    """Edit every consumer's weight in place (its pruned columns are removed later)."""
-    with torch.no_grad():
-        for consumer in consumers:
-            weight = consumer.module.weight
-            fold_into_consumer_(weight, consumer.positions.to(weight.device), kept, pruned, delivery)
-
-
 def scale_running_variance(bn: nn.Module, ratio: torch.Tensor) -> None:
     """Multiply a BatchNorm's running variance by ``ratio`` (per channel), in its own dtype."""
     with torch.no_grad():
@@ -107,7 +102,7 @@ def _out_pruner(module):
         return tp_function.prune_batchnorm_out_channels
     if isinstance(module, nn.PReLU):
         return tp_function.prune_prelu_out_channels
-    if module.groups != 1:  # a depthwise stage: its input channels go with its outputs
+    if module.groups == module.in_channels > 1:  # a depthwise stage: its input channels go with its outputs
         return tp_function.prune_depthwise_conv_out_channels
     return tp_function.prune_conv_out_channels
 
@@ -115,6 +110,8 @@ def _out_pruner(module):
 def _in_pruner(module):
     if isinstance(module, nn.Linear):
         return tp_function.prune_linear_in_channels
+    if module.groups != 1:
+        return grouped.prune_in_channels
     return tp_function.prune_conv_in_channels
 
 
@@ -142,29 +139,69 @@ def remove_channels(out_channels: dict[nn.Module, set[int]], in_channels: dict[n
         getattr(module, name).requires_grad_(flag)
 
 
-def apply_solution(group: RestorableGroup, kept, pruned, solution, coverage: dict | None = None) -> None:
+def apply_solution(group: RestorableGroup, kept, pruned, solution, coverage: dict | None = None,
+                   gates: torch.Tensor | None = None) -> None:  # fmt: skip
     """Fold one layer's solution into its consumers: mean offsets, running variances, delivery.
 
-    The corrections read the consumer weights before the delivery edits them.
+    The corrections read the consumer weights before the delivery edits them. A grouped
+    consumer is edited group by group (:func:`lbyl.grouped.consumer_parts`); a consumer
+    behind a squeeze-and-excitation gets the solution for the gated channels
+    (``gates``: :func:`lbyl.squeeze.group_gates`).
     ``coverage``: tap coverage of padded convolutions (:func:`lbyl.correction.padded_conv_coverage`).
     """
     coverage = coverage or {}
-    device = solution.delivery.device
+    behind = squeeze.behind_gate(solution, gates, kept, pruned) if gates is not None else solution
+    reduce = group.excitation.reduce if group.excitation is not None else None
     for consumer in group.consumers:
-        positions = consumer.positions.to(device)
-        bias = consumer.module.bias
-        bias_before = bias.detach().to(torch.float64, copy=True) if bias is not None else None
+        chosen = behind if consumer.gated else solution
+        if consumer.module is reduce:  # it reads pooled channel means, not the channels' spread
+            chosen = replace(chosen, covariance=None)
+        _apply_to_consumer(consumer, kept, pruned, chosen, coverage)
+
+
+def _apply_to_consumer(consumer: Consumer, kept, pruned, solution, coverage: dict) -> None:
+    """:func:`apply_solution` for one consumer, part by part when it is a grouped conv."""
+    device = solution.delivery.device
+    module, bn = consumer.module, consumer.next_bn
+    bias = module.bias
+    bias_before = bias.detach().to(torch.float64, copy=True) if bias is not None else None
+    rescale = solution.covariance is not None and bn is not None and bn.running_var is not None
+    offset = torch.zeros(module.weight.shape[0], dtype=torch.float64, device=device)
+    ratio = torch.ones_like(offset)
+    parts = [(rows, positions, *_part(solution, kept, pruned, channels))
+             for rows, channels, positions in grouped.consumer_parts(module, consumer.positions.to(device))]  # fmt: skip
+    for rows, positions, part_kept, part_pruned, part in parts:
+        weight = module.weight[rows]
         if solution.mean_shift is not None:
-            offset = consumer_offset(consumer.module.weight, positions, pruned, solution.mean_shift,
-                                     coverage.get(consumer.module))  # fmt: skip
-            add_output_offset(consumer.module, offset, consumer.next_bn)
-        bn = consumer.next_bn
-        if solution.covariance is not None and bn is not None and bn.running_var is not None:
-            sums = channel_sums(consumer.module.weight, positions)
-            scale_running_variance(bn, variance_ratio(sums, kept, pruned, solution.delivery, solution.covariance))
-        elif solution.covariance is not None and solution.channel_means is not None and bn is None:
-            rescale_without_batchnorm(consumer, kept, pruned, solution, bias_before)
-    apply_delivery(group.consumers, kept, pruned, solution.delivery)
+            offset[rows] = consumer_offset(weight, positions, part_pruned, part.mean_shift, coverage.get(module))
+        if rescale:
+            sums = channel_sums(weight, positions)
+            ratio[rows] = variance_ratio(sums, part_kept, part_pruned, part.delivery, part.covariance)
+    if solution.mean_shift is not None:
+        add_output_offset(module, offset, bn)
+    if rescale:
+        scale_running_variance(bn, ratio)
+    elif solution.covariance is not None and solution.channel_means is not None and bn is None and len(parts) == 1:
+        rescale_without_batchnorm(consumer, kept, pruned, solution, bias_before)
+    with torch.no_grad():  # after the corrections, which read the weights before the delivery
+        for rows, positions, part_kept, part_pruned, part in parts:
+            fold_into_consumer_(module.weight[rows], positions, part_kept, part_pruned, part.delivery)
+
+
+def _part(solution, kept, pruned, channels):
+    """The kept and pruned channels of one consumer part (local indices) and the solution's terms for them."""
+    if channels is None:
+        return kept, pruned, solution
+    in_kept, kept_local = grouped.local(kept, channels)
+    in_pruned, pruned_local = grouped.local(pruned, channels)
+    covariance = solution.covariance
+    part = replace(
+        solution,
+        delivery=solution.delivery[in_kept][:, in_pruned],
+        mean_shift=solution.mean_shift[in_pruned] if solution.mean_shift is not None else None,
+        covariance=covariance[channels][:, channels] if covariance is not None else None,
+    )
+    return kept_local, pruned_local, part
 
 
 def rescale_about_mean(module: nn.Linear, scale: torch.Tensor, mean: torch.Tensor) -> None:
@@ -211,6 +248,8 @@ def removal_indices(pairs) -> tuple[dict, dict]:
         owners = [group.bn, getattr(group.activation, "module", None)]  # an nn.PReLU has one slope per channel
         if stage is not None:
             owners += [stage.module, stage.bn, getattr(stage.activation, "module", None)]
+        if group.excitation is not None:  # the gate's expand layer has one output per channel
+            owners.append(group.excitation.expand)
         for owner in owners:
             if owner is not None:
                 out_channels.setdefault(owner, set()).update(pruned.tolist())
