@@ -476,13 +476,10 @@ def hermite_channel_covariance(activation, mean: torch.Tensor, covariance_matrix
     rho = rho.clamp(-1, 1)
     coefficients = hermite_coefficients(act, mean, std, terms)
     var = variance(act, mean, std)
-    result = torch.zeros_like(cov)
-    power = torch.ones_like(rho)
-    for n in range(terms):
-        power = power * rho
-        c = coefficients[:, n]
-        result += torch.outer(c, c) * power
     rest = (var - (coefficients**2).sum(-1)).clamp_min(0).sqrt()
-    result += torch.outer(rest, rest) * power * rho
+    result = torch.outer(rest, rest)
+    for n in reversed(range(terms)):  # Horner in rho, in place: two passes over C x C per term
+        result.mul_(rho).addr_(coefficients[:, n], coefficients[:, n])
+    result.mul_(rho)
     result = (result + result.T) / 2
     return result.diagonal_scatter(var)
