@@ -169,6 +169,12 @@ def invalid_kept(tmp_path):
     lbyl.restore(small(), X, kept={"0": [0, 9]})
 
 
+def kept_unequal_blocks(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+                          nn.Conv2d(8, 2, 1)).to(torch.float64).eval()  # fmt: skip
+    lbyl.restore(model, X, kept={"0": [0, 1, 2, 4]})
+
+
 def plan_with_other_choices(tmp_path):
     lbyl.restore(small(), X, lbyl.plan(small(), X, 0.5), layers=["0"])
 
@@ -402,7 +408,7 @@ CASES = {f.__name__.replace("_", "-"): f for f in [
     unknown_criterion, negative_lambda, unknown_order, unknown_input_model, not_a_module, no_restorable_layer, nan_weights,
     unknown_layer, skipped_layer, unknown_layer_in_ratio_mapping, batchnorm_divides_by_zero, half_precision_overflow,
     unknown_model, inplace_not_bool, seed_not_int, layers_wrong_type, ratio_mapping_with_layers, ratio_and_kept,
-    no_ratio, invalid_kept, plan_with_other_choices, plan_for_another_model, method_class_not_object,
+    no_ratio, invalid_kept, kept_unequal_blocks, plan_with_other_choices, plan_for_another_model, method_class_not_object,
     correction_not_bool, threshold_out_of_range, target_out_of_range, target_unreachable, target_and_ratio,
     model_not_traceable, load_without_model, load_with_another_class, load_with_other_widths, save_without_report, criterion_wrong_shape, criterion_not_finite, custom_method_wrong_shape,
     unimportable_model, model_needs_torchvision, weights_not_found, corrupt_weights, truncated_weights, corrupt_safetensors,
