@@ -46,6 +46,7 @@ VARIANTS: dict[str, Callable[[], lbyl.Method]] = {
     "lbyl-no-corrections": lambda: lbyl.LBYL(mean_correction=False, variance_correction=False),
     "lbyl-mean-only": lambda: lbyl.LBYL(variance_correction=False),
     "lbyl-paper": lbyl.paper.LBYL,
+    "lbyl-bn-input": lambda: lbyl.LBYL(input_model="bn"),
 }
 COLUMNS = (
     "key", "variant", "method", "ratio", "criterion", "images", "top1", "top5", "params_before", "params_after",

@@ -19,6 +19,8 @@ WHAT = {
     "lbyl-no-corrections": "the default without its mean and variance corrections",
     "lbyl-mean-only": "the default without its variance correction",
     "lbyl-paper": "LBYL as the authors released it",
+    "lbyl-bn-input": "the default with the input covariance fitted to the BatchNorm variances (`input_model=\"bn\"`): "
+    "it sets the correlations of a chain's hidden channels",
 }
 
 

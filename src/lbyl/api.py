@@ -157,7 +157,7 @@ class _Clock:
 
 def _solve_and_apply(target, traced: Traced, pairs, method: Method, order: str, criterion: str, clock) -> list[LayerRecord]:
     """Per layer: read its statistics, let the method solve, fold the solution into the consumers."""
-    reader = _StatsReader([g for g, _ in pairs], order, method.needs_statistics)
+    reader = _StatsReader([g for g, _ in pairs], order, method.needs_statistics, method.input_model)
     if method.needs_statistics:  # input moments of layers without BN, from the model before any edit
         statistics.prepare(g.input_source for g, _ in pairs)
     coverage = {}
@@ -191,20 +191,21 @@ class _StatsReader:
     ``sequential``: as edited so far, without the input channels already removed upstream.
     """
 
-    def __init__(self, groups: list[RestorableGroup], order: str, moments: bool = True):
+    def __init__(self, groups: list[RestorableGroup], order: str, moments: bool = True, input_model: str = "white"):
         self.unread = {g.producer: g for g in groups} if order == "original" else {}
         self.order, self.snapshots, self.dropped, self.moments = order, {}, {}, moments
+        self.input_model = input_model
 
     def read(self, group):
         self.unread.pop(group.producer, None)
         dropped = sorted(self.dropped.get(group.producer, ()))
-        return self.snapshots.pop(group.name, None) or layer_stats(group, dropped, moments=self.moments)
+        return self.snapshots.pop(group.name, None) or layer_stats(group, dropped, self.moments, self.input_model)
 
     def before_editing(self, group, pruned: torch.Tensor):
         for consumer in group.consumers:
             later = self.unread.pop(consumer.module, None)
             if later is not None:
-                self.snapshots[later.name] = layer_stats(later, moments=self.moments)
+                self.snapshots[later.name] = layer_stats(later, moments=self.moments, input_model=self.input_model)
             if self.order == "sequential":  # the columns that go: a later producer no longer has them
                 columns = consumer.positions[pruned.cpu()].flatten().tolist()
                 self.dropped.setdefault(consumer.module, set()).update(columns)

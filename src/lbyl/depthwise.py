@@ -28,6 +28,7 @@ import torch
 
 from . import activations
 from .activations import Activation, hermite_channel_covariance, standardise
+from .covariance import preactivation_covariance
 from .delivery import BatchNormStats, ProducerStats, scaled_filters
 
 
@@ -60,19 +61,22 @@ def factor(covariance: torch.Tensor) -> torch.Tensor:
 
 def depthwise_chain_stats(
     producer: ProducerStats, activation: Activation, kernels: torch.Tensor, kernel_bias: torch.Tensor | None,
-    bn: BatchNormStats | None, consumer_activation: Activation | None = None,
+    bn: BatchNormStats | None, consumer_activation: Activation | None = None, input_model: str = "white",
 ) -> ProducerStats:  # fmt: skip
     """Statistics of a depthwise stage's output channels, from the producer before it.
 
     ``producer``: the producer's filters and BN1; ``activation``: ``f1``, between BN1 and
     the depthwise conv; ``kernels``: the depthwise filters flattened (N x taps);
     ``kernel_bias``: its bias (or None); ``bn``: BN2 (or None); ``consumer_activation``:
-    ``f2``, after BN2 (with BN2, the covariance of ``f2(z2)`` is added: the consumers read it).
+    ``f2``, after BN2 (with BN2, the covariance of ``f2(z2)`` is added: the consumers read it);
+    ``input_model``: the producer's input covariance behind z1's correlations (``"white"`` or
+    ``"bn"``, :func:`lbyl.covariance.preactivation_covariance`).
     """
     w, b = scaled_filters(producer)
     if producer.bn is not None:  # BN1's running statistics fix z1's mean and variance
         mean1, std1 = producer.bn.beta.to(torch.float64), producer.bn.gamma.to(torch.float64).abs()
-        cov1 = standardise(w @ w.T)[1] * torch.outer(std1, std1)
+        correlated = w @ w.T if input_model == "white" else preactivation_covariance(producer, input_model)
+        cov1 = standardise(correlated)[1] * torch.outer(std1, std1)
     else:
         mean1, cov1 = b, w @ w.T
     cov_a = hermite_channel_covariance(activation, mean1, cov1)

@@ -59,6 +59,8 @@ class Method:
 
     name = "custom"
     options: tuple[str, ...] = ("mean_correction", "variance_correction")
+    #: the input covariance behind the statistics of a depthwise chain (:mod:`lbyl.depthwise`)
+    input_model = "white"
 
     def __init__(self, *, mean_correction: bool = False, variance_correction: bool = False):
         self.mean_correction = check_bool("mean_correction", mean_correction)
@@ -140,7 +142,8 @@ class LBYL(Method):
     ``lambda1`` weights the BN-bias term, ``lambda2`` the coefficient penalty
     (``"auto"``: per layer by generalised cross-validation on the weights).
     ``input_model``: ``"white"`` (the paper's filter distance) or ``"bn"`` (the
-    input covariance estimated from the BatchNorm's running variances). Where the
+    input covariance estimated from the BatchNorm's running variances); in a depthwise
+    chain it is the input covariance behind the hidden channels' correlations. Where the
     kept filters span the input space and a BN and ReLU follow, the error is
     measured after the ReLU (:func:`lbyl.covariance.solve_space`). Both corrections
     are on by default.

@@ -195,10 +195,10 @@ def producer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = Fa
     )
 
 
-def layer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = False) -> ProducerStats:
+def layer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = False, input_model: str = "white") -> ProducerStats:
     """The statistics a method solves with: the producer's, or, through a depthwise stage,
-    those of the stage's output channels (:func:`lbyl.depthwise.depthwise_chain_stats`).
-    ``moments``: see :func:`producer_stats`."""
+    those of the stage's output channels (:func:`lbyl.depthwise.depthwise_chain_stats`, with the
+    producer's input covariance from ``input_model``). ``moments``: see :func:`producer_stats`."""
     stats = producer_stats(group, dropped_inputs, moments)
     stage = group.stage
     if stage is None:
@@ -209,7 +209,7 @@ def layer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = False
         stats, group.activation, kernels.reshape(kernels.shape[0], -1),
         bias.detach().to(torch.float64) if bias is not None else None,
         _bn_stats(stage.bn, group.channels, kernels.device) if stage.bn is not None else None,
-        stage.activation,
+        stage.activation, input_model,
     )  # fmt: skip
 
 
