@@ -54,8 +54,14 @@ def spatial_correlation(activation_var: torch.Tensor, kernels: torch.Tensor, mea
 
 
 def factor(covariance: torch.Tensor) -> torch.Tensor:
-    """``F`` with ``F F^T = covariance`` (N x N; negative eigenvalues of rounding set to 0)."""
-    values, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
+    """``F`` with ``F F^T = covariance`` (N x N). Methods read only ``F F^T``, so any factor
+    does: Cholesky's, several times cheaper than an eigendecomposition, when the matrix is
+    positive definite; else the eigenvectors, with negative eigenvalues of rounding set to 0."""
+    symmetric = (covariance + covariance.T) / 2
+    lower, info = torch.linalg.cholesky_ex(symmetric)
+    if int(info) == 0:
+        return lower
+    values, vectors = torch.linalg.eigh(symmetric)
     return vectors * values.clamp_min(0).sqrt()
 
 
