@@ -58,6 +58,8 @@ LENET_PUBLISHED = {
 NM_PAPER_THRESHOLD = 0.45  # cosine threshold of the released LeNet-300-100 Neuron Merging script
 EXACT_LAMBDA1 = 1.0
 DEFAULT_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# FashionMNIST's published pixel mean and std, through the checkpoint's (x - 0.5) / 0.5 preprocessing
+FASHION_MNIST_INPUT_STATS = ((0.2860 - 0.5) / 0.5, 0.3530 / 0.5)
 TABLE_METHODS = ("lbyl-paper", "prune", "nm", "nm-paper", "lbyl")
 LAYERS = ("ip1", "ip2")
 SENSITIVITY_LAMBDA2 = (0.0, 0.01, 0.1, 0.3, 1.0)
@@ -258,6 +260,9 @@ def _variants(setup: LenetSetup) -> list[tuple[str, str, dict]]:
           lambda r: lbyl.LBYL(variance_correction=False))  # fmt: skip
     study(f"{default} without either correction", "lbyl",
           lambda r: lbyl.LBYL(mean_correction=False, variance_correction=False))  # fmt: skip
+    study(f"{default} with input_stats declared: FashionMNIST's pixel mean 0.2860 and std 0.3530 "
+          "through the (x - 0.5) / 0.5 preprocessing", "lbyl", lambda r: lbyl.LBYL(),
+          input_stats=FASHION_MNIST_INPUT_STATS)  # fmt: skip
     study("released protocol (reference)", "nm-paper")
     study("no cosine threshold", "nm-paper", lambda r: lbyl.paper.NeuronMerging())
     study("rank by the norm of w alone (bias not appended)", "nm-paper", criterion=weights_only_l2)

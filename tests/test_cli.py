@@ -85,6 +85,8 @@ def test_python_dash_m_runs_the_cli():
         (["restore", "--model", "demo-cnn", "--weights", "w", "--ratio", "0.5", "--method", "magic", "--out", "x"], "invalid choice"),
         (["sweep", "--model", "demo-cnn", "--weights", "w", "--methods", "lbyl,magic"], "unknown 'magic'"),
         (["sweep", "--model", "demo-cnn", "--weights", "w", "--ratios", "0.1,abc"], "not a number"),
+        (["restore", "--model", "demo-cnn", "--weights", "w", "--ratio", "0.5", "--input-stats", "0.5", "--out", "x"], "is not MEAN,STD"),
+        (["restore", "--model", "demo-cnn", "--weights", "w", "--ratio", "0.5", "--input-stats", "0,-1", "--out", "x"], "std a finite number > 0"),
     ],
 )
 def test_bad_arguments_are_rejected(capsys, argv, message):
@@ -138,7 +140,12 @@ def test_restore_options_reach_the_plan(capsys, tmp_path, weights_file):
     code, _, _ = run_cli(capsys, "restore", "--model", "demo-cnn", "--weights", weights_file, "--ratio", "0.25",
                          "--input-model", "bn", "--out", str(tmp_path / "bn"))  # fmt: skip
     plan = json.loads((tmp_path / "bn" / "plan.json").read_text())
-    assert code == 0 and plan["settings"]["input_model"] == "bn"
+    assert code == 0 and plan["settings"]["input_model"] == "bn" and "input_stats" not in plan["settings"]
+
+    code, _, _ = run_cli(capsys, "restore", "--model", "demo-cnn", "--weights", weights_file, "--ratio", "0.25",
+                         "--input-stats=-0.43,0.71", "--out", str(tmp_path / "stats"))  # fmt: skip
+    plan = json.loads((tmp_path / "stats" / "plan.json").read_text())
+    assert code == 0 and plan["settings"]["input_stats"] == [-0.43, 0.71]
     assert plan["settings"]["variance_correction"] is True  # on for lbyl by default
 
     code, _, _ = run_cli(capsys, "restore", "--model", "demo-cnn", "--weights", weights_file, "--ratio", "0.25",

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import lbyl
-from lbyl import activations
+from lbyl import activations, statistics
 from lbyl.graph import find_groups
 from lbyl.planning import producer_stats
 from lbyl.statistics import input_moments, layernorm_moments, reads_layernorm
@@ -155,3 +155,43 @@ def test_deeper_layers_are_approximately_gaussian():
     assert mean_error < 0.04 and covariance_error < 0.2
     scale = float(z.std(0).max())
     assert float((predicted - torch.relu(z).mean(0)).abs().max()) < 0.04 * scale
+
+
+def test_declared_input_statistics_broadcast_to_the_features():
+    mean, covariance = statistics.declared_moments(torch.tensor(0.5), torch.tensor(2.0), (1, 2, 3), 6)
+    assert torch.equal(mean, torch.full((6,), 0.5, dtype=torch.float64))
+    assert torch.equal(covariance, 4.0 * torch.eye(6, dtype=torch.float64))
+    per_channel = torch.tensor([[[1.0]], [[2.0]]], dtype=torch.float64)
+    mean, _ = statistics.declared_moments(per_channel, torch.tensor(1.0, dtype=torch.float64), (2, 1, 3), 6)
+    assert mean.tolist() == [1, 1, 1, 2, 2, 2]
+    tokens, _ = statistics.declared_moments(per_channel.reshape(2, 1), torch.tensor(1.0, dtype=torch.float64), (5, 2, 3), 3)
+    assert tokens.tolist() == [1.5, 1.5, 1.5]  # a Linear layer on the last axis: averaged over the others
+    with pytest.raises(ValueError, match="do not broadcast to one input of shape"):
+        statistics.declared_moments(torch.ones(4, dtype=torch.float64), torch.tensor(1.0), (1, 2, 3), 6)
+
+
+def test_declared_input_statistics_correct_the_mean_the_input_gives():
+    """A model fed inputs with mean 2 and std 0.5: declaring them makes the mean correction right
+    where the standardised default cannot be."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = 2.0 + 0.5 * torch.randn(4096, 1, 3, 4)
+    with torch.no_grad():
+        reference = model(x)
+
+    def error(**options):
+        restored, report = lbyl.restore(model, x[:1], 0.5, layers=["1"], **options)
+        with torch.no_grad():
+            return float((restored(x) - reference).mean(dim=0).abs().max()), report
+
+    declared, report = error(input_stats=(2.0, 0.5))
+    default, _ = error()
+    assert declared < 0.25 * default
+    assert report.settings["input_stats"] == [2.0, 0.5]
+
+
+@pytest.mark.parametrize("bad", [(0.0, 0.0), (float("nan"), 1.0), (1.0,), "0,1"])
+def test_invalid_input_statistics_are_refused(bad):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with pytest.raises(ValueError, match=r"input_stats"):
+        lbyl.restore(model, torch.randn(1, 4), 0.5, input_stats=bad)

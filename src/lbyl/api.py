@@ -21,7 +21,7 @@ from .planning import Plan, PlannedLayer, layer_stats, match_plan, plan_layers
 from .report import LayerRecord, Report, SkippedRecord, attach_report
 from .surgery import apply_solution, remove_channels, removal_indices
 from .validation import all_finite, as_inputs, check_bool, check_choice, check_int, check_layers, check_model
-from .validation import check_selection
+from .validation import check_input_stats, check_selection
 
 ORDERS = ("original", "sequential")
 
@@ -90,6 +90,7 @@ def restore(
     seed: int = 0,
     order: str = "original",
     inplace: bool = False,
+    input_stats=None,
 ) -> tuple[nn.Module, Report]:
     """Remove channels of every restorable layer and restore the model without data.
 
@@ -105,10 +106,14 @@ def restore(
     protocol (every restorable conv of a CNN, every hidden Linear layer of an MLP).
     ``order``: ``"original"`` solves every layer from the original weights (the paper's
     protocol); ``"sequential"`` from each producer as edited by the layers before it.
+    ``input_stats``: ``(mean, std)`` of the model's input after your preprocessing (numbers, or
+    tensors shaped like one input or ``(C, 1, 1)``), read by the statistics of layers without
+    BatchNorm that the input feeds; None: standardised (mean 0, std 1).
     The caller's model is never modified unless ``inplace=True``.
     Returns the restored model (in the caller's train/eval mode) and a :class:`Report`.
     """
     method, order, inplace = as_method(method), check_choice("order", order, ORDERS), check_bool("inplace", inplace)
+    declared = check_input_stats(input_stats)
     check_model(model)
     inputs, clock = as_inputs(example_inputs), _Clock()
     if target_macs is not None or target_params is not None:
@@ -124,11 +129,12 @@ def restore(
             traced = _trace(target, inputs)
             chosen = _given_plan(ratio, kept, criterion, layers, seed) or _make_plan(traced, ratio, kept, criterion, layers, seed)
             pairs = match_plan(traced.groups, chosen.layers)
-        records = _solve_and_apply(target, traced, pairs, method, order, chosen.criterion, clock)
+        records = _solve_and_apply(target, traced, pairs, method, order, chosen.criterion, clock, declared)
         with clock("surgery"):
             remove_channels(*removal_indices((g, layer.pruned) for g, layer in pairs))
             macs_after, params_after = recount(traced.tally, target, inputs)
-    settings = dict(method.settings(), criterion=chosen.criterion, seed=chosen.seed, order=order,
+    stats_setting = {} if declared is None else {"input_stats": [declared[0].tolist(), declared[1].tolist()]}
+    settings = dict(method.settings(), criterion=chosen.criterion, seed=chosen.seed, order=order, **stats_setting,
                     ratio=_ratio_setting(ratio, chosen), **{f"target_{k}": v for k, v in chosen.targets.items()})  # fmt: skip
     report = Report(settings, records, [SkippedRecord(s.name, s.reason) for s in traced.skipped],
                     int(params_before), int(params_after), int(traced.macs), int(macs_after), clock.total(), clock.parts,
@@ -155,11 +161,12 @@ class _Clock:
         return time.perf_counter() - self.started
 
 
-def _solve_and_apply(target, traced: Traced, pairs, method: Method, order: str, criterion: str, clock) -> list[LayerRecord]:
+def _solve_and_apply(target, traced: Traced, pairs, method: Method, order: str, criterion: str, clock,
+                     input_stats=None) -> list[LayerRecord]:  # fmt: skip
     """Per layer: read its statistics, let the method solve, fold the solution into the consumers."""
     reader = _StatsReader([g for g, _ in pairs], order, method.needs_statistics, method.input_model)
     if method.needs_statistics:  # input moments of layers without BN, from the model before any edit
-        statistics.prepare(g.input_source for g, _ in pairs)
+        statistics.prepare((g.input_source for g, _ in pairs), input_stats, tuple(traced.inputs[0].shape[1:]))
     coverage = {}
     if method.mean_correction and pairs:  # border taps of padded consumers read zeros: weight the mean offset by coverage
         seen = {call.module: tuple(call.in_shape[2:]) for call in traced.tally.calls or ()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from . import commands
@@ -176,6 +177,17 @@ def _add_restore_args(parser: argparse.ArgumentParser) -> None:
                         "default); sequential: each layer sees the edits of the layers before it")  # fmt: skip
 
 
+def _input_stats(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        mean, std = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MEAN,STD (two numbers, e.g. -0.43,0.71)") from None
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise argparse.ArgumentTypeError(f"{text}: the mean must be finite and the std a finite number > 0")
+    return mean, std
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -246,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="lbyl", metavar="M", help=f"one of {', '.join(METHODS)} (default lbyl)")
     p.add_argument("--criterion", choices=CRITERIA, default="l2", metavar="C", help=f"one of {', '.join(CRITERIA)} (default l2)")
     _add_restore_args(p)
+    p.add_argument("--input-stats", type=_input_stats, metavar="MEAN,STD",
+                   help="mean and standard deviation of the model's input after your preprocessing, for the "
+                   "statistics of layers without BatchNorm that read it (default 0,1: standardised)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the restored model to")
     p.set_defaults(func=commands.cmd_restore)
 

@@ -117,7 +117,7 @@ def cmd_restore(args) -> int:
         chosen, options = args.ratio, dict(criterion=args.criterion, layers=_layers(args), seed=args.seed,
                                            target_macs=args.target_macs, target_params=args.target_params)  # fmt: skip
         status(f"restoring {args.model}: {_amount(args)}, {method!r}, criterion {args.criterion} ...")
-    restored, report = restore(model, inputs, chosen, method, order=args.order, **options)
+    restored, report = restore(model, inputs, chosen, method, order=args.order, input_stats=args.input_stats, **options)
     print(report.table())
     out = save_restored(
         restored, report, args.out, args.model, model_kwargs=kwargs, source_weights=args.weights,

@@ -4,7 +4,8 @@ A producer followed by a BatchNorm has recorded statistics; one without has none
 so they are derived from the model alone, from an *anchor* the model fixes:
 
 * ``"input"``: the network input (through reshapes only) is taken as standardised,
-  mean 0 and covariance ``I`` per feature, the usual preprocessing;
+  mean 0 and covariance ``I`` per feature, the usual preprocessing, unless the user
+  declares its mean and standard deviation (``input_stats``; features uncorrelated);
 * ``"layernorm"``: a LayerNorm before the producer normalises every token to mean 0
   and variance 1 over its ``d`` features before its affine, so its output has mean
   ``beta`` and covariance ``diag(gamma) C diag(gamma)``, ``C = d/(d-1) (I - 11^T/d)``
@@ -202,11 +203,41 @@ def _input_moments(source: InputSource) -> tuple[torch.Tensor, torch.Tensor]:
     return activation_moments(source.activation, mean, covariance)
 
 
-def prepare(sources) -> None:
-    """Compute (and cache) the input moments of every source now, from the weights as they are."""
+def prepare(sources, input_stats=None, input_shape=None) -> None:
+    """Compute (and cache) the input moments of every source now, from the weights as they are.
+
+    ``input_stats``: ``(mean, std)`` tensors of the network input as the user declares them (None:
+    standardised), broadcast to ``input_shape`` (one input without its batch dimension).
+    """
+    sources = [s for s in sources if s is not None]
+    if input_stats is not None:
+        for source in sources:
+            while source.kind == "activation":
+                source = source.upstream
+            if source.kind == "input" and source.cache is None:
+                source.cache = declared_moments(*input_stats, input_shape, source.features)
     for source in sources:
-        if source is not None:
-            input_moments(source)
+        input_moments(source)
+
+
+def declared_moments(mean: torch.Tensor, std: torch.Tensor, shape, features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and (diagonal) covariance of the network input from its declared mean and std.
+
+    They broadcast to one input (``shape``); flattened, that is the features of a Linear layer
+    reading it; a Linear layer reading the last axis (tokens) gets their average over the others.
+    """
+    try:
+        mean, var = mean.expand(shape).reshape(-1), (std**2).expand(shape).reshape(-1)
+    except RuntimeError:
+        raise ValueError(
+            f"input_stats of shapes {tuple(mean.shape)} and {tuple(std.shape)} do not broadcast to one input "
+            f"of shape {tuple(shape)}; pass numbers, or one value per channel shaped like (C, 1, 1)"
+        ) from None
+    if mean.numel() != features:
+        if shape[-1] != features:
+            raise ValueError(f"cannot map input_stats onto the {features} input features of the first Linear layer")
+        mean, var = mean.reshape(-1, features).mean(dim=0), var.reshape(-1, features).mean(dim=0)
+    return mean.clone(), torch.diag(var)
 
 
 def producer_moments(group, weight: torch.Tensor, bias, dropped_inputs=()) -> PreactivationMoments | None:

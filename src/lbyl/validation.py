@@ -30,6 +30,23 @@ def check_nonnegative(name: str, value, allowed: tuple[str, ...] = ()) -> float 
     return float(value)
 
 
+def check_input_stats(input_stats) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(mean, std)`` of the model's input as float64 tensors (numbers or tensors that broadcast
+    to one input without its batch dimension), std > 0; None stays None."""
+    if input_stats is None:
+        return None
+    fix = "pass input_stats=(mean, std) of the model's input after your preprocessing, e.g. (0.0, 1.0) or (-0.43, 0.71)"
+    if not isinstance(input_stats, (tuple, list)) or len(input_stats) != 2:
+        raise ValueError(f"input_stats must be a pair (mean, std), got {input_stats!r}; {fix}")
+    try:
+        mean, std = (torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in input_stats)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"input_stats must hold numbers or tensors, got {input_stats!r}; {fix}") from None
+    if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(std).all()) and bool((std > 0).all())):
+        raise ValueError(f"input_stats needs a finite mean and a finite std > 0, got {input_stats!r}; {fix}")
+    return mean, std
+
+
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
