@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import grouped, squeeze, statistics
+from . import grouped, sliced, squeeze, statistics
 from .correction import padded_conv_coverage
 from .counting import MacTally, count_ops_and_params, count_params, counting, eval_mode, recount
 from .budget import check_target, predicted_size, ratio_for_budget
@@ -180,13 +180,14 @@ def _solve_and_apply(target, traced: Traced, pairs, method: Method, order: str, 
             device = stats.filters.device
             kept = torch.tensor(layer.kept, dtype=torch.long, device=device)
             pruned = torch.tensor(layer.pruned, dtype=torch.long, device=device)
-            solution = grouped.solve(method, stats, kept, pruned, group.consumer_activation, group.blocks)
-            gates = squeeze.group_gates(group, stats)
+            solved = [(view, grouped.solve(method, view_stats, kept, pruned, group.consumer_activation, group.blocks),
+                       squeeze.group_gates(view, view_stats)) for view, view_stats in sliced.views(group, stats)]  # fmt: skip
         with clock("surgery"):
             reader.before_editing(group, pruned)
-            apply_solution(group, kept, pruned, solution, coverage, gates)
+            for view, solution, gates in solved:
+                apply_solution(view, kept, pruned, solution, coverage, gates)
             _check_finite_edit(group, method.name)
-        records.append(_record(layer, method, criterion, solution, time.perf_counter() - t0))
+        records.append(_record(layer, method, criterion, [s for _, s, _ in solved], time.perf_counter() - t0))
     return records
 
 
@@ -218,14 +219,17 @@ class _StatsReader:
                 self.dropped.setdefault(consumer.module, set()).update(columns)
 
 
-def _record(layer: PlannedLayer, method: Method, criterion: str, solution, seconds: float) -> LayerRecord:
-    loss = {k: float(v.sum()) for k, v in solution.loss.items()}
+def _record(layer: PlannedLayer, method: Method, criterion: str, solutions: list, seconds: float) -> LayerRecord:
+    """One layer's report line; a layer solved once per BatchNorm slice (:mod:`lbyl.sliced`) sums the
+    losses of its solutions and reports the largest condition number and lambda2."""
+    loss = {k: sum(float(s.loss[k].sum()) for s in solutions) for k in ("re", "be", "ae")}
+    conditions = [s.condition for s in solutions if s.condition is not None]
     return LayerRecord(
         name=layer.name, channels_before=layer.channels, channels_after=len(layer.kept), method=method.name,
         criterion=criterion, ratio=layer.removed_fraction,
         re=loss["re"], be=loss["be"], ae=loss["ae"], seconds=seconds, consumers=list(layer.consumers), bn=layer.bn,
-        activation=layer.activation, kept=list(layer.kept), lambda2=solution.lambda2, solve=solution.space,
-        condition=solution.condition,
+        activation=layer.activation, kept=list(layer.kept), lambda2=max(s.lambda2 for s in solutions),
+        solve=solutions[0].space, condition=max(conditions) if conditions else None,
     )
 
 

@@ -38,18 +38,35 @@ def expected_activation(stats: ProducerStats, activation: Activation | str) -> t
     per-channel slopes follow the channels. Without either nothing describes the
     channel's distribution, so no correction is made.
     """
-    if stats.bn is not None:
-        mean, std = stats.bn.beta.to(torch.float64), stats.bn.gamma.to(torch.float64).abs()
-    elif stats.moments is not None:
-        mean, std = stats.moments.mean, stats.moments.covariance.diagonal().clamp_min(0).sqrt()
-    else:
+    marginals = _marginals(stats)
+    if marginals is None:
         return None
+    mean, std = marginals
     activation = activations.as_activation(activation)
     if activation == "relu":
         return expected_relu(mean, std)
     if activation == "identity":
         return mean
     return activations.mean(activation, mean, std)
+
+
+def activation_variance(stats: ProducerStats, activation: Activation | str) -> torch.Tensor | None:
+    """``Var[f(z)]`` of every channel under the model of :func:`expected_activation`."""
+    marginals = _marginals(stats)
+    if marginals is None:
+        return None
+    mean, std = marginals
+    activation = activations.as_activation(activation)
+    return std**2 if activation == "identity" else activations.variance(activation, mean, std)
+
+
+def _marginals(stats: ProducerStats) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Mean and standard deviation of every channel before the activation, or None."""
+    if stats.bn is not None:
+        return stats.bn.beta.to(torch.float64), stats.bn.gamma.to(torch.float64).abs()
+    if stats.moments is not None:
+        return stats.moments.mean, stats.moments.covariance.diagonal().clamp_min(0).sqrt()
+    return None
 
 
 def mean_shift(
@@ -125,6 +142,25 @@ def variance_ratio(
     residual = covariance[pruned][:, kept] - delivery.T @ covariance[kept][:, kept]
     after = ((projected[:, kept] - sums[:, pruned] @ residual) * after_sums).sum(dim=1)
     return torch.where(before > 0, after / before.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(before))
+
+
+def explained_share(sums: torch.Tensor, covariance: torch.Tensor, variances: torch.Tensor,
+                    recorded: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Fraction of each consumer output's recorded variance that one producer's channels explain.
+
+    For a consumer that also reads other layers (after a concatenation): ``u R u^T / recorded``
+    per output, with ``u`` its :func:`channel_sums`, ``R`` the channels' covariance after the
+    activation (``covariance``'s correlations at the ``variances`` of the activated channels)
+    and ``recorded`` the running variance of the BatchNorm that reads the consumer; clamped to
+    [0, 1]. The other layers' share is taken as unchanged by this layer's restoration.
+    """
+    covariance, variances = covariance.to(torch.float64), variances.to(torch.float64).clamp_min(0)
+    scale = covariance.diagonal().clamp_min(torch.finfo(torch.float64).tiny).rsqrt() * variances.sqrt()
+    real = covariance * scale[:, None] * scale[None, :]
+    sums = sums.to(torch.float64)
+    explained = ((sums @ real) * sums).sum(dim=1)
+    recorded = recorded.to(torch.float64, copy=True).to(explained.device)
+    return torch.where(recorded > 0, explained / recorded.clamp_min(torch.finfo(torch.float64).tiny), 1.0).clamp(0, 1)
 
 
 def padded_conv_coverage(model, inputs, modules, input_sizes: dict | None = None) -> dict:

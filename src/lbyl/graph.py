@@ -9,7 +9,6 @@ layers) follows from the rule alone.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import traceback
 from dataclasses import dataclass, field
@@ -51,6 +50,8 @@ class Consumer:
     positions: torch.Tensor  # (channels, slots) long
     next_bn: nn.Module | None = None  # a BatchNorm that alone reads this consumer's output
     gated: bool = False  # reads the channels after the group's squeeze-and-excitation gate
+    bn: nn.Module | None = None  # its own slice of a BatchNorm after a concatenation (lbyl.sliced)
+    bn_positions: torch.Tensor | None = None  # (channels,) index of each producer channel in ``bn``
 
 
 @dataclass
@@ -343,10 +344,10 @@ def _walk(dg, start, names):
     with a depthwise stage on the way, the BatchNorm and activation are the producer's
     (before the stage) and the stage holds its own.
     """
-    consumers, bns, activations, path, stages, gates = {}, set(), set(), [], set(), {}
+    consumers, bns, activations, path, stages, gates, slices, after_concat = {}, set(), set(), [], set(), {}, {}, set()
     channels = start.module.weight.shape[0]
 
-    def visit(node, bn_seen, activation, reshaped, stage, gate=None):
+    def visit(node, bn_seen, activation, reshaped, stage, gate=None, concatenated=False):
         if not node.outputs:
             raise _Unsupported("its channels are a model output")
         for nxt in node.outputs:
@@ -375,6 +376,8 @@ def _walk(dg, start, names):
                         raise _Unsupported(f"feeds the grouped convolution {label} after a depthwise one")
                 consumers[nxt.module] = label
                 if stage is None:
+                    if bn_seen is not None and slices.setdefault(nxt.module, bn_seen) is not bn_seen:
+                        raise _Unsupported(f"reaches {label} through two different BatchNorms")
                     activations.add(activation or IDENTITY)
                     bns.add(bn_seen)
                     stages.add(None)
@@ -394,17 +397,21 @@ def _walk(dg, start, names):
                         f"BatchNorm {label} keeps no running statistics (track_running_stats=False), "
                         "so it normalises with the statistics of each batch"
                     )
+                if concatenated:  # it normalises the concatenation: the producer's channels are a slice of it
+                    if stage is not None or gate is not None:
+                        raise _Unsupported(f"its BatchNorm {label} normalises a concatenation behind a depthwise stage or gate")
+                    after_concat.add(nxt.module)
                 path.append(label)
-                visit(nxt, nxt.module, activation, reshaped, stage, gate)
+                visit(nxt, nxt.module, activation, reshaped, stage, gate, concatenated)
                 continue
             after = activation
             if kind == "activation":
                 after = _activation(nxt, channels, activation)
-                if after.per_channel and reshaped:
-                    raise _Unsupported(f"reshaped before the per-channel activation {label}")
+                if after.per_channel and (reshaped or concatenated):
+                    raise _Unsupported(f"reshaped or concatenated before the per-channel activation {label}")
             if label not in path:
                 path.append(label)
-            visit(nxt, bn_seen, after, reshaped or kind == "reshape", stage, gate)
+            visit(nxt, bn_seen, after, reshaped or kind == "reshape", stage, gate, concatenated or kind == "concat")
 
     gated = set()
     visit(start, None, None, False, None)
@@ -423,6 +430,12 @@ def _walk(dg, start, names):
                     f"it is the input of a residual block: {consumers[node.module]} is the block's "
                     "projection shortcut (the residual stream stays whole)"
                 )
+    if None not in bns and stages == {None} and (len(bns) > 1 or bns & after_concat):  # one BatchNorm per consumer
+        if any(a.per_channel for a in activations):
+            raise _Unsupported("a per-channel activation after BatchNorms of several consumers")
+        bns = {None}
+    else:
+        slices = {}
     if len(bns) > 1:
         raise _Unsupported("BatchNorm on some paths to the consumers but not on others")
     if len(activations) > 1:
@@ -430,7 +443,7 @@ def _walk(dg, start, names):
         raise _Unsupported(f"different activations on the paths to the consumers ({shown})")
     if len(stages) > 1:
         raise _Unsupported("some consumers read it through a depthwise convolution, others not (or through another)")
-    return consumers, bns.pop(), activations.pop(), path, _stage(stages.pop(), channels, names), excitation, gated
+    return consumers, bns.pop(), activations.pop(), path, _stage(stages.pop(), channels, names), excitation, gated, slices
 
 
 def _excitation(mul, source, channels: int, names) -> SqueezeExcitation | None:
@@ -549,12 +562,13 @@ def _feeds_add(node) -> bool:
     return False
 
 
-def _consumer_positions(group, consumer_modules, channels):
-    """Input positions of each producer channel in each consumer, from Torch-Pruning's index mapping."""
+def _consumer_positions(group, consumer_modules, channels, handler: str = "prune_in_channels"):
+    """Input positions of each producer channel in each consumer, from Torch-Pruning's index mapping
+    (``handler="prune_out_channels"``: its channels in a BatchNorm after a concatenation)."""
     by_module = {m: [] for m in consumer_modules}
     for item in group:
         module = item.dep.target.module
-        if module in by_module and item.dep.handler.__name__ == "prune_in_channels":
+        if module in by_module and item.dep.handler.__name__ == handler:
             by_module[module].extend(zip(item.root_idxs, item.idxs))
     positions = {}
     for module, pairs in by_module.items():
@@ -583,28 +597,6 @@ def _depthwise(module) -> bool:
     """A convolution that filters each input channel alone (any channel multiplier): its outputs
     are tied to its inputs. Other grouped convolutions prune their outputs in blocks."""
     return isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups == module.in_channels > 1
-
-
-def _check_batchnorm_width(start, channels: int, names) -> None:
-    """Refuse a producer whose channels reach, through a concatenation, a BatchNorm of more channels.
-
-    Such a BatchNorm (DenseNet's) normalises the channels of several layers at once, so no
-    per-producer BatchNorm can be read or corrected. Paths end at Conv/Linear layers and BatchNorms.
-    """
-    seen, queue = set(), collections.deque([(start, False)])  # breadth first: the nearest is named
-    while queue:
-        node, concatenated = queue.popleft()
-        for nxt in node.outputs:
-            if isinstance(nxt.module, WEIGHTED) or (nxt, concatenated) in seen:
-                continue
-            seen.add((nxt, concatenated))
-            if isinstance(nxt.module, BATCHNORMS):
-                if concatenated and nxt.module.num_features != channels:
-                    raise _Unsupported(
-                        f"its BatchNorm normalises a concatenation of several layers ({names.get(nxt.module, '?')})"
-                    )
-                continue
-            queue.append((nxt, concatenated or nxt.type == ops.OPTYPE.CONCAT))
 
 
 def _pruning_group(dg, module, channels):
@@ -652,8 +644,7 @@ def find_groups(
             continue
         try:
             channels = module.weight.shape[0]
-            _check_batchnorm_width(dg.module2node[module], channels, names)
-            consumers, bn, activation, path, stage, excitation, gated = _walk(dg, dg.module2node[module], names)
+            consumers, bn, activation, path, stage, excitation, gated, slices = _walk(dg, dg.module2node[module], names)
             if bn is not None and bn.num_features != channels:  # e.g. a BatchNorm1d after a flatten
                 raise _Unsupported(
                     f"its BatchNorm {names.get(bn, '?')} normalises {bn.num_features} features, not its {channels} channels"
@@ -664,6 +655,7 @@ def find_groups(
                 others = ", ".join(names.get(m, "?") for m in coupled[:3])
                 raise _Unsupported(f"output channels are coupled with {others} (residual add or shared channels)")
             positions = _consumer_positions(group, consumers, channels)
+            bn_positions = _consumer_positions(group, set(slices.values()), channels, "prune_out_channels")
             blocks = channel_blocks(module, {m: (consumers[m], positions[m]) for m in consumers}, channels)
         except _Unsupported as why:
             skipped.append(SkippedLayer(name, str(why)))
@@ -675,18 +667,30 @@ def find_groups(
             RestorableGroup(
                 name=name,
                 producer=module,
-                bn_name=names.get(bn) if bn is not None else None,
+                bn_name=names.get(bn) if bn is not None else _slices_name(slices, names),
                 bn=bn,
                 activation=activation,
-                consumers=[Consumer(consumers[m], m, positions[m], _next_bn(dg.module2node[m]), m in gated) for m in consumers],
+                consumers=[
+                    Consumer(consumers[m], m, positions[m], _next_bn(dg.module2node[m]), m in gated, slices.get(m),
+                             bn_positions[slices[m]][:, 0] if m in slices else None)  # fmt: skip
+                    for m in consumers
+                ],
                 path=path,
                 stage=stage,
-                input_source=_input_source(dg, module, bn, sources),
+                input_source=None if slices else _input_source(dg, module, bn, sources),
                 blocks=blocks,
                 excitation=excitation,
             )
         )
     return groups, _name_stages(groups, skipped)
+
+
+def _slices_name(slices: dict, names) -> str | None:
+    """The report's BatchNorm column for a producer read through slices of several BatchNorms."""
+    found = sorted({names.get(bn, "?") for bn in slices.values()})
+    if not found:
+        return None
+    return f"{found[0]}[slice]" if len(found) == 1 else f"{found[0]}[slice] and {len(found) - 1} more"
 
 
 def _name_stages(groups: list[RestorableGroup], skipped: list[SkippedLayer]) -> list[SkippedLayer]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .activations import Activation, as_activation
-from .correction import expected_activation, mean_shift
+from .correction import activation_variance, expected_activation, mean_shift
 from .covariance import INPUT_MODELS, channel_covariance, preactivation_covariance, solve_space
 from .delivery import (
     ProducerStats, gcv_lambda2, lbyl_system, nm_delivery, prune_delivery, residual_from_products,
@@ -30,7 +30,8 @@ class Solution:
     consumers lose (None: no mean correction); ``covariance``: the channels' covariance
     the variance correction predicts with (None: no variance correction); ``channel_means``:
     every channel's expected output, for the variance correction of a consumer without
-    BatchNorm (None: none); ``space``:
+    BatchNorm (None: none); ``channel_variances``: every channel's variance after the
+    activation, for the variance correction of a consumer that reads other layers too; ``space``:
     where LBYL measured the error; ``condition``: of the normal matrix it solved.
     """
 
@@ -39,6 +40,7 @@ class Solution:
     mean_shift: torch.Tensor | None = None
     covariance: torch.Tensor | None = None
     channel_means: torch.Tensor | None = None
+    channel_variances: torch.Tensor | None = None
     space: str = ""
     condition: float | None = None
     lambda2: float = 0.0
@@ -88,14 +90,15 @@ class Method:
         """Add the corrections this method's options ask for to a delivery matrix."""
         removes = len(pruned) > 0  # nothing removed: nothing to correct
         shift = mean_shift(stats, kept, pruned, delivery, activation) if self.mean_correction and removes else None
-        means = None
+        means = variances = None
         if self.variance_correction and removes:
             covariance = covariance if covariance is not None else preactivation_covariance(stats, "white")
             if stats.bn is None:  # a consumer without BatchNorm is rescaled about its mean
                 means = expected_activation(stats, activation)
+            variances = activation_variance(stats, activation)
         else:
             covariance = None
-        return Solution(delivery, loss, shift, covariance, channel_means=means, **details)
+        return Solution(delivery, loss, shift, covariance, channel_means=means, channel_variances=variances, **details)
 
     @property
     def needs_statistics(self) -> bool:

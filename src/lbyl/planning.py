@@ -190,7 +190,7 @@ def producer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = Fa
     return ProducerStats(
         filters=weight.reshape(weight.shape[0], -1),
         bias=bias.detach().to(torch.float64, copy=True) if bias is not None else None,
-        bn=_bn_stats(group.bn, weight.shape[0], weight.device) if group.bn is not None else None,
+        bn=batchnorm_stats(group.bn, weight.shape[0], weight.device) if group.bn is not None else None,
         moments=producer_moments(group, weight, bias, dropped_inputs) if moments else None,
     )
 
@@ -208,12 +208,13 @@ def layer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = False
     return depthwise_chain_stats(
         stats, group.activation, kernels.reshape(kernels.shape[0], -1),
         bias.detach().to(torch.float64) if bias is not None else None,
-        _bn_stats(stage.bn, group.channels, kernels.device) if stage.bn is not None else None,
+        batchnorm_stats(stage.bn, group.channels, kernels.device) if stage.bn is not None else None,
         stage.activation, input_model,
     )  # fmt: skip
 
 
-def _bn_stats(m: nn.Module, n: int, device) -> BatchNormStats:
+def batchnorm_stats(m: nn.Module, n: int, device) -> BatchNormStats:
+    """A BatchNorm's affine and running statistics as float64 copies (``n`` channels)."""
     def read(tensor, fill):
         if tensor is None:
             return torch.full((n,), fill, dtype=torch.float64, device=device)

@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch_pruning.pruner import function as tp_function
 
 from . import grouped, squeeze
-from .correction import channel_sums, consumer_offset, variance_ratio
+from .correction import channel_sums, consumer_offset, explained_share, variance_ratio
 from .graph import BATCHNORMS, Consumer, RestorableGroup
 
 
@@ -166,6 +166,7 @@ def _apply_to_consumer(consumer: Consumer, kept, pruned, solution, coverage: dic
     bias = module.bias
     bias_before = bias.detach().to(torch.float64, copy=True) if bias is not None else None
     rescale = solution.covariance is not None and bn is not None and bn.running_var is not None
+    shared = rescale and solution.channel_variances is not None and consumer.positions.numel() < _input_width(module)
     offset = torch.zeros(module.weight.shape[0], dtype=torch.float64, device=device)
     ratio = torch.ones_like(offset)
     parts = [(rows, positions, *_part(solution, kept, pruned, channels))
@@ -177,6 +178,9 @@ def _apply_to_consumer(consumer: Consumer, kept, pruned, solution, coverage: dic
         if rescale:
             sums = channel_sums(weight, positions)
             ratio[rows] = variance_ratio(sums, part_kept, part_pruned, part.delivery, part.covariance)
+            if shared:  # it reads other layers too: only this producer's share of its variance changes
+                share = explained_share(sums, part.covariance, part.channel_variances, bn.running_var[rows])
+                ratio[rows] = 1 - share * (1 - ratio[rows])
     if solution.mean_shift is not None:
         add_output_offset(module, offset, bn)
     if rescale:
@@ -186,6 +190,10 @@ def _apply_to_consumer(consumer: Consumer, kept, pruned, solution, coverage: dic
     with torch.no_grad():  # after the corrections, which read the weights before the delivery
         for rows, positions, part_kept, part_pruned, part in parts:
             fold_into_consumer_(module.weight[rows], positions, part_kept, part_pruned, part.delivery)
+
+
+def _input_width(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
 
 def _part(solution, kept, pruned, channels):
@@ -200,6 +208,7 @@ def _part(solution, kept, pruned, channels):
         delivery=solution.delivery[in_kept][:, in_pruned],
         mean_shift=solution.mean_shift[in_pruned] if solution.mean_shift is not None else None,
         covariance=covariance[channels][:, channels] if covariance is not None else None,
+        channel_variances=solution.channel_variances[channels] if solution.channel_variances is not None else None,
     )
     return kept_local, pruned_local, part
 
@@ -255,4 +264,6 @@ def removal_indices(pairs) -> tuple[dict, dict]:
                 out_channels.setdefault(owner, set()).update(pruned.tolist())
         for consumer in group.consumers:
             in_channels.setdefault(consumer.module, set()).update(consumer.positions[pruned].flatten().tolist())
+            if consumer.bn is not None:  # its slice of a BatchNorm after a concatenation
+                out_channels.setdefault(consumer.bn, set()).update(consumer.bn_positions[pruned].tolist())
     return out_channels, in_channels
