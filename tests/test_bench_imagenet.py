@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import lbyl
+
 from benchmarks import imagenet_lite0 as bench
 from benchmarks.imagenet_data import PACKAGES, SAMPLES
 from benchmarks.imagenet_report import render_doc, targets
@@ -80,6 +82,29 @@ def test_plain_convs_compute_the_same():
         got = plain_convs(model)(x)
     assert torch.equal(got, expected)
     assert all(type(m) in (torch.nn.Conv2d, torch.nn.Linear) for m in model.modules() if hasattr(m, "weight") and m.weight.dim() > 1)
+
+
+def test_the_packages_own_convolutions_restore_like_plain_ones():
+    """The benchmark converts the same-padding convolutions; a user restoring the package's model
+    as it is (its Conv2d subclass passes lbyl.layouts' probe) gets the same restored model."""
+    _require(_lite0_packages())
+    import copy
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from benchmarks.imagenet_data import plain_convs
+
+    torch.manual_seed(0)
+    model = EfficientNet.from_name("efficientnet-lite0").eval()
+    x = torch.randn(2, 3, 224, 224)
+    layers = ["_blocks.1._expand_conv", "_blocks.3._expand_conv", "_conv_head"]  # stride-2 stages with uneven padding
+    assert len(lbyl.plan(model, x[:1], 0.1).layers) == 19  # as many as the converted model has
+    own, own_report = lbyl.restore(model, x[:1], 0.1, layers=layers)
+    plain, plain_report = lbyl.restore(plain_convs(copy.deepcopy(model)), x[:1], 0.1, layers=layers)
+    with torch.no_grad():
+        assert torch.allclose(own(x), plain(x), atol=1e-5)
+    assert [r.name for r in own_report.layers] == [r.name for r in plain_report.layers] == layers
+    assert (own_report.macs_before, own_report.macs_after) == (plain_report.macs_before, plain_report.macs_after)
 
 
 def test_smoke_run_writes_a_row_and_resumes(tmp_path, capsys):

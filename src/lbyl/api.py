@@ -261,7 +261,8 @@ def _trace(model: nn.Module, inputs: tuple) -> Traced:
         if tally.passes != 1:  # the tracer retried model(inputs) after model(*inputs) failed
             _forward_check(model, inputs)
         tally.resolve()
-        groups, skipped = find_groups(model, inputs, dg=dg)
+        shapes = {call.module: call.in_shape for call in tally.calls or ()}
+        groups, skipped = find_groups(model, inputs, dg=dg, input_shapes=shapes)
         release_trace(dg)  # the recorded autograd graph would keep every replaced weight alive
     macs = tally.macs if tally.complete else count_ops_and_params(model, inputs)[0]
     return Traced(groups, skipped, macs, tally, inputs)

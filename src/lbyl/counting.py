@@ -86,7 +86,8 @@ _NORMS = (
 _PRODUCERS = (*_CONVS, nn.Linear)  # calls whose output channels are a layer's own
 _RESHAPED = (*_PRODUCERS, *_NORMS)  # calls recounted from their layer's current shape
 
-#: MACs of one call, by exact module type (subclasses are not counted, as in the reference)
+#: MACs of one call, by module type; a subclass counts as its nearest listed base (a conv that
+#: pads in its own forward has a conv's MACs), where the reference skips it
 FORMULAS: dict[type, Callable] = {
     **{t: _conv for t in _CONVS},
     **{t: _per_output for t in _ACTIVATIONS},
@@ -104,12 +105,17 @@ def supported(model: nn.Module) -> bool:
     return all(type(m) in FORMULAS or type(m) not in known for m in model.modules())
 
 
+def formula(module: nn.Module) -> Callable | None:
+    """The MAC formula of ``module``'s type or of its nearest base type that has one."""
+    return next((FORMULAS[t] for t in type(module).__mro__ if t in FORMULAS), None)
+
+
 def _counted_modules(module: nn.Module, multiplicity: dict[nn.Module, int]) -> None:
     """Modules whose calls add to the total: counted types, not inside another counted module.
 
     A module registered under several parents counts once per registration, as in the reference.
     """
-    if type(module) in FORMULAS:
+    if formula(module) is not None:
         multiplicity[module] = multiplicity.get(module, 0) + 1
         return
     for child in module.children():
@@ -284,7 +290,7 @@ def counting(model: nn.Module, record: bool = False) -> Iterator[MacTally]:
         pending.setdefault(module, []).append((node, shape))
 
     def count(module, inputs, output):
-        macs = FORMULAS[type(module)](module, inputs, output)
+        macs = formula(module)(module, inputs, output)
         tally.total += macs * multiplicity[module]
         if tally.calls is not None:
             node, shape = pending[module].pop()

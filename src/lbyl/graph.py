@@ -20,12 +20,9 @@ from torch_pruning import ops
 
 from .activation_nodes import NOT_ELEMENTWISE, UnsupportedActivation, is_activation, read_activation
 from .activations import Activation
+from .layouts import WEIGHTED, subclass_refusals
 
-#: layer types whose output channels lbyl prunes and whose input channels it edits
-WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-#: subclasses with the weight layout of their base (nn.MultiheadAttention's out_proj)
-SAME_LAYOUT = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
 
 # autograd node names (prefixes) of operations a group may pass through
 _CHANNELWISE = ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool", "CloneBackward", "AliasBackward")
@@ -620,21 +617,24 @@ def _pruning_group(dg, module, channels):
 
 
 def find_groups(
-    model: nn.Module, example_inputs, dg: tp.DependencyGraph | None = None
+    model: nn.Module, example_inputs, dg: tp.DependencyGraph | None = None, input_shapes: dict | None = None
 ) -> tuple[list[RestorableGroup], list[SkippedLayer]]:
     """All restorable groups of ``model`` and every other Conv/Linear layer with the reason it is skipped.
 
-    Groups come in the model's module order. ``dg`` may be passed to reuse a trace.
+    Groups come in the model's module order. ``dg`` may be passed to reuse a trace, and
+    ``input_shapes`` (``{layer: input shape}``) the layer inputs that trace saw.
     """
     if dg is None:
         dg = build_dependency_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     groups, skipped, sources = [], [], {}
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    refused = subclass_refusals(model, inputs, input_shapes)
     for name, module in model.named_modules():
         if not isinstance(module, WEIGHTED):
             continue
-        if type(module) not in WEIGHTED and type(module) not in SAME_LAYOUT:  # subclasses may change the weight layout
-            skipped.append(SkippedLayer(name, f"{type(module).__name__} is not a plain Conv/Linear layer"))
+        if module in refused:  # a subclass that reparametrises its weight, say (lbyl.layouts)
+            skipped.append(SkippedLayer(name, refused[module]))
             continue
         if module not in dg.module2node:
             skipped.append(SkippedLayer(name, _attention_part(name, model) or "not reached by the example inputs"))
