@@ -29,7 +29,7 @@ import torch
 from . import activations
 from .activations import Activation, hermite_channel_covariance, standardise
 from .covariance import preactivation_covariance
-from .delivery import BatchNormStats, ProducerStats, scaled_filters
+from .delivery import BatchNormStats, ProducerStats, bn_affine, scaled_filters
 
 
 def spatial_correlation(activation_var: torch.Tensor, kernels: torch.Tensor, measured_var: torch.Tensor) -> float:
@@ -101,5 +101,6 @@ def depthwise_chain_stats(
     if consumer_activation is None:
         return stats
     # z2 ~ N(beta2, g2 Cov(d) g2): the consumers read f2(z2), whose covariance is as cheap as z2's
-    w, offsets = scaled_filters(stats)
-    return replace(stats, activation_covariance=hermite_channel_covariance(consumer_activation, offsets, w @ w.T))
+    scale, offsets = bn_affine(stats)
+    covariance = cov_d * torch.outer(scale, scale)  # = w w^T of the scaled filters, without the N^3 product
+    return replace(stats, activation_covariance=hermite_channel_covariance(consumer_activation, offsets, covariance))
