@@ -83,3 +83,13 @@ def test_a_subclass_that_pads_in_forward_is_restored_like_the_plain_layers():
 def test_a_reparametrised_subclass_is_skipped_with_the_reason():
     with pytest.raises(ValueError, match=r"Skipped: 0: Standardised does not use its weight as a plain Conv2d does"):
         lbyl.restore(net(Standardised), torch.randn(1, 3, 12, 12), 0.5, layers=["0"])
+
+
+def test_a_restored_model_with_subclasses_saves_and_loads(tmp_path):
+    from lbyl.io import load_restored, save_restored
+
+    x = torch.randn(2, 3, 12, 12)
+    restored, report = lbyl.restore(net(SamePadding), x[:1], 0.5)
+    loaded, _ = load_restored(save_restored(restored, report, tmp_path / "restored", "same"), net(SamePadding))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), restored(x))

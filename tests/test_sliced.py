@@ -158,3 +158,15 @@ def test_a_consumer_reading_other_layers_keeps_their_share_of_its_variance(quiet
         assert (ratio < 0.99).any()
     else:
         assert torch.allclose(ratio, torch.ones(3), atol=1e-4)
+
+
+def test_a_restored_dense_block_saves_and_loads(tmp_path):
+    """Rebuilding from the plan removes the same BatchNorm entries as the restoration did."""
+    from lbyl.io import load_restored, save_restored
+
+    restored, report = lbyl.restore(dense_block(), X, 0.5, layers="all")
+    folder = save_restored(restored, report, tmp_path / "restored", "dense-block")
+    loaded, _ = load_restored(folder, DenseBlock())
+    with torch.no_grad():
+        assert torch.equal(loaded(X), restored(X))
+    assert (loaded.norm1.num_features, loaded.norm2.num_features) == (restored.norm1.num_features, restored.norm2.num_features)
