@@ -62,7 +62,8 @@ def test_the_gate_is_found_and_pruned_with_the_channels():
     restored, _ = lbyl.restore(model, X, 0.5, layers=["conv"])
     assert (restored.conv.out_channels, restored.dw[0].out_channels, restored.se.fc1.in_channels,
             restored.se.fc2.out_channels, restored.out.in_channels) == (4, 4, 4, 4, 4)  # fmt: skip
-    assert "se.fc2" in {s.name for s in skipped}  # its outputs are the gate, pruned with conv's channels
+    reasons = {s.name: s.reason for s in skipped}
+    assert reasons["se.fc2"] == "squeeze-and-excitation gate: pruned with conv's channels"  # its outputs are the gate
 
 
 def copy_channel(model, a, b, gate_row=True):

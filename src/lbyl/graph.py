@@ -694,13 +694,18 @@ def _slices_name(slices: dict, names) -> str | None:
 
 
 def _name_stages(groups: list[RestorableGroup], skipped: list[SkippedLayer]) -> list[SkippedLayer]:
-    """A depthwise conv restored as a group's stage is skipped as a producer: say where it went."""
-    owner = {g.stage.name: g.name for g in groups if g.stage is not None}
-    return [
-        SkippedLayer(s.name, f"depthwise convolution: pruned and restored with {owner[s.name]}'s channels")
-        if s.name in owner else s
-        for s in skipped
-    ]
+    """A depthwise conv restored as a group's stage, or a gate's expand layer pruned with a group's
+    channels, is skipped as a producer: say where it went."""
+    stages = {g.stage.name: g.name for g in groups if g.stage is not None}
+    gates = {g.excitation.expand_name: g.name for g in groups if g.excitation is not None}
+    named = []
+    for s in skipped:
+        if s.name in stages:
+            s = SkippedLayer(s.name, f"depthwise convolution: pruned and restored with {stages[s.name]}'s channels")
+        elif s.name in gates:
+            s = SkippedLayer(s.name, f"squeeze-and-excitation gate: pruned with {gates[s.name]}'s channels")
+        named.append(s)
+    return named
 
 
 def _attention_part(name: str, model: nn.Module) -> str | None:
