@@ -324,7 +324,8 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _as_tuple(example_inputs) -> tuple:
+def as_tuple(example_inputs) -> tuple:
+    """Example inputs as the tuple that ``model(*inputs)`` takes (one tensor becomes a 1-tuple)."""
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
@@ -353,7 +354,7 @@ def eval_mode(model: nn.Module):
 
 def count_macs(model: nn.Module, example_inputs) -> float:
     """MACs per sample of ``model`` on ``example_inputs``: one forward pass (eval mode, no autograd)."""
-    inputs = _as_tuple(example_inputs)
+    inputs = as_tuple(example_inputs)
     with eval_mode(model), torch.no_grad(), counting(model) as tally:
         model(*inputs)
     return tally.macs

@@ -628,8 +628,7 @@ def find_groups(
         dg = build_dependency_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     groups, skipped, sources = [], [], {}
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    refused = subclass_refusals(model, inputs, input_shapes)
+    refused = subclass_refusals(model, example_inputs, input_shapes)
     for name, module in model.named_modules():
         if not isinstance(module, WEIGHTED):
             continue

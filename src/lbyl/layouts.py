@@ -16,11 +16,13 @@ import copy
 import torch
 import torch.nn as nn
 
+from .counting import as_tuple, eval_mode, shape_only_forward
+
 #: layer types whose output channels lbyl prunes and whose input channels it edits
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def subclass_refusals(model: nn.Module, example_inputs: tuple, shapes: dict | None = None) -> dict[nn.Module, str]:
+def subclass_refusals(model: nn.Module, example_inputs, shapes: dict | None = None) -> dict[nn.Module, str]:
     """``{layer: reason}`` for the Conv/Linear subclasses of ``model`` that fail the probe.
 
     ``shapes``: ``{layer: input shape}`` of a forward pass already made; without it (or where it
@@ -36,13 +38,8 @@ def subclass_refusals(model: nn.Module, example_inputs: tuple, shapes: dict | No
 
     hooks = [m.register_forward_pre_hook(record) for m in subclasses]
     try:
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            try:
-                model(*example_inputs)
-            finally:
-                model.train(was_training)
+        with eval_mode(model):
+            shape_only_forward(model, as_tuple(example_inputs))
     finally:
         for hook in hooks:
             hook.remove()
