@@ -154,9 +154,8 @@ def explained_share(sums: torch.Tensor, covariance: torch.Tensor, variances: tor
     and ``recorded`` the running variance of the BatchNorm that reads the consumer; clamped to
     [0, 1]. The other layers' share is taken as unchanged by this layer's restoration.
     """
-    covariance, variances = covariance.to(torch.float64), variances.to(torch.float64).clamp_min(0)
-    scale = covariance.diagonal().clamp_min(torch.finfo(torch.float64).tiny).rsqrt() * variances.sqrt()
-    real = covariance * scale[:, None] * scale[None, :]
+    std = variances.to(torch.float64).clamp_min(0).sqrt()
+    real = activations.standardise(covariance.to(torch.float64))[1] * torch.outer(std, std)
     sums = sums.to(torch.float64)
     explained = ((sums @ real) * sums).sum(dim=1)
     recorded = recorded.to(torch.float64, copy=True).to(explained.device)
