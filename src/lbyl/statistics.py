@@ -211,9 +211,7 @@ def prepare(sources, input_stats=None, input_shape=None) -> None:
     """
     sources = [s for s in sources if s is not None]
     if input_stats is not None:
-        for source in sources:
-            while source.kind == "activation":
-                source = source.upstream
+        for source in map(anchor, sources):
             if source.kind == "input" and source.cache is None:
                 source.cache = declared_moments(*input_stats, input_shape, source.features)
     for source in sources:
@@ -264,8 +262,14 @@ def producer_moments(group, weight: torch.Tensor, bias, dropped_inputs=()) -> Pr
     return PreactivationMoments(out_mean, out_covariance, source.describe())
 
 
-def reads_layernorm(source: InputSource | None) -> bool:
-    """Whether a source goes back to a LayerNorm (a transformer MLP's hidden layer)."""
+def anchor(source: InputSource | None) -> InputSource | None:
+    """The source a chain of activations of upstream Linear layers goes back to."""
     while source is not None and source.kind == "activation":
         source = source.upstream
+    return source
+
+
+def reads_layernorm(source: InputSource | None) -> bool:
+    """Whether a source goes back to a LayerNorm (a transformer MLP's hidden layer)."""
+    source = anchor(source)
     return source is not None and source.kind == "layernorm"
