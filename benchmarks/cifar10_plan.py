@@ -141,7 +141,9 @@ class Run:
         # an input-model or variance run is a main run with one setting changed: it keeps that run's key,
         # so that switching the default swaps the two without recomputing either
         kind = "main" if self.kind in ("input-model", "variance") else self.kind
-        extra = f"|im={s['input_model']}" if s["input_model"] not in ("-", "white") else ""
+        # "propagated" restores these ResNets exactly as "white": none of their restorable producers is a
+        # 1x1 convolution (tests/test_bench_cifar10.py::test_propagated_input_model_is_white_on_the_resnets)
+        extra = f"|im={s['input_model']}" if s["input_model"] not in ("-", "white", "propagated") else ""
         extra += "|vc=true" if s["variance_correction"] == "true" else ""  # rows from before it existed: off
         threshold = defaults.get(self.method, {}).get("threshold") if self.method == "nm-paper" else None
         extra += f"|th={fmt(threshold)}" if threshold is not None else ""  # the runs so far merged every channel
@@ -226,7 +228,7 @@ def build_plan(
     rest = [label for label in labels if label not in first]
     plan = [r for label in first for r in main_runs(label, RATIOS, ("l2",), images)]
     # lbyl with the input model that is not the default, every checkpoint (a main run's key: see Run.key)
-    other = next(m for m in ("white", "bn") if m != defaults["lbyl"].get("input_model", "white"))
+    other = "white" if defaults["lbyl"].get("input_model", "white") == "bn" else "bn"
     plan += [Run(label, "input-model", ratio, "lbyl", "l2", images=images, input_model=other)
              for label in labels for ratio in RATIOS]  # fmt: skip
     # and with the variance correction flipped

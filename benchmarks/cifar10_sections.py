@@ -115,7 +115,9 @@ def input_model_section(plan, found: Found, defaults) -> str:
         "Input model of `lbyl`: white inputs -> BN covariance",
         "Top-1 % of `lbyl` with `input_model=\"white\"` (the paper's loss: plain distance between filters) "
         "and with `input_model=\"bn\"` (the residual measured in the metric of the input covariance estimated "
-        f"from the BatchNorm variances, docs/method.md section 5b); the library default is `\"{default}\"`",
+        f"from the BatchNorm variances, docs/method.md section 5b); the library default is `\"{default}\"`"
+        + (", which restores these ResNets exactly as `\"white\"` (none of their restorable producers is a 1x1 "
+           "convolution, section 5k)" if default == "propagated" else ""),
         _flip_rows(plan, found, defaults, "input-model", default_is_second=default == "bn"),
     )
 

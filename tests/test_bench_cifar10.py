@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import lbyl
 from benchmarks import cifar10_resnets as bench
@@ -84,6 +85,26 @@ def test_keys_follow_the_library_defaults():
     assert prune.key({"prune": {"lambda2": 0.0}}) == prune.key({"prune": {"lambda2": 1.0}})
     assert len({r.key(defaults) for r in plan}) == len(plan)
     assert len([r for r in plan if r.kind == "main"]) == 5 * 7 * 5 + 3 * 7 * 5
+
+
+@pytest.mark.parametrize("arch", sorted({c.arch for c in bench.CHECKPOINTS.values()}))
+def test_propagated_input_model_is_white_on_the_resnets(arch):
+    """The benchmark keys treat the two input models as one on these networks: check that they are."""
+    from lbyl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 3, 32, 32)
+    white, _ = lbyl.restore(model, x, 0.5, lbyl.LBYL(input_model="white"))
+    propagated, report = lbyl.restore(model, x, 0.5, lbyl.LBYL(input_model="propagated"))
+    assert {r.solve for r in report.layers} == {"white"}
+    for (name, a), b in zip(white.state_dict().items(), propagated.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert lbyl.LBYL(input_model="bn").settings() != lbyl.LBYL().settings()
 
 
 def test_runs_are_method_objects():

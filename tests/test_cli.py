@@ -135,7 +135,7 @@ def test_restore_options_reach_the_plan(capsys, tmp_path, weights_file):
                          "--layers", "conv2", "--out", str(tmp_path / "one"))  # fmt: skip
     plan = json.loads((tmp_path / "one" / "plan.json").read_text())
     assert code == 0 and list(plan["kept"]) == ["conv2"] and plan["settings"]["mean_correction"] is True
-    assert plan["settings"]["input_model"] == "white"  # the default
+    assert plan["settings"]["input_model"] == "propagated"  # the default
 
     code, _, _ = run_cli(capsys, "restore", "--model", "demo-cnn", "--weights", weights_file, "--ratio", "0.25",
                          "--input-model", "bn", "--out", str(tmp_path / "bn"))  # fmt: skip

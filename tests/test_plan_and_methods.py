@@ -275,7 +275,7 @@ def test_unknown_criterion_names_the_callable_option():
         (lambda: lbyl.LBYL(lambda1=True), ValueError, "lambda1 must be a finite number >= 0"),
         (lambda: lbyl.LBYL(lambda2="aut"), ValueError, "lambda2 must be a finite number >= 0 or 'auto'"),
         (lambda: lbyl.LBYL(lambda2=-0.1), ValueError, "lambda2 must be a finite number >= 0 or 'auto'"),
-        (lambda: lbyl.LBYL(input_model="x"), ValueError, "unknown input_model 'x'; choose one of white, bn"),
+        (lambda: lbyl.LBYL(input_model="x"), ValueError, "unknown input_model 'x'; choose one of propagated, white, bn"),
         (lambda: lbyl.LBYL(mean_correction=None), TypeError, "mean_correction must be True or False"),
         (lambda: lbyl.NeuronMerging(mean_correction="yes"), TypeError, "mean_correction must be True or False"),
         (lambda: lbyl.Prune(variance_correction=1), TypeError, "variance_correction must be True or False"),
@@ -302,7 +302,7 @@ def test_valid_method_options_are_kept():
     assert lbyl.paper.NeuronMerging(0.45).settings() == {"method": "nm-paper", "threshold": 0.45,
                                                          "mean_correction": False, "variance_correction": False}  # fmt: skip
     assert repr(lbyl.LBYL(lambda2=0.1)) == (
-        "lbyl.LBYL(lambda1=0.0, lambda2=0.1, input_model='white', mean_correction=True, variance_correction=True)"
+        "lbyl.LBYL(lambda1=0.0, lambda2=0.1, input_model='propagated', mean_correction=True, variance_correction=True)"
     )
     assert repr(lbyl.paper.NeuronMerging(0.45)).startswith("lbyl.paper.NeuronMerging(threshold=0.45")
 

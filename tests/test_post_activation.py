@@ -143,7 +143,7 @@ def test_restore_uses_the_post_activation_solve_on_a_one_channel_first_conv():
     x = torch.randn(1, 1, 8, 8)
     # 12 of 16 kept, 9 weights per filter: the kept filters span the input space
     bn_model, report = lbyl.restore(model, x, 0.25, lbyl.LBYL(input_model="bn"))
-    white_model, white = lbyl.restore(model, x, 0.25)
+    white_model, white = lbyl.restore(model, x, 0.25, lbyl.LBYL(input_model="white"))
     assert white.settings["input_model"] == "white" and report.settings["input_model"] == "bn"
     assert report.layers[0].channels_after == 12
     assert report.layers[0].re > 1e-6 and white.layers[0].re > 1e-6  # not the exact pre-ReLU rebuild (re ~ 0)

@@ -165,8 +165,10 @@ def _solve_and_apply(target, traced: Traced, pairs, method: Method, order: str, 
                      input_stats=None) -> list[LayerRecord]:  # fmt: skip
     """Per layer: read its statistics, let the method solve, fold the solution into the consumers."""
     reader = _StatsReader([g for g, _ in pairs], order, method.needs_statistics, method.input_model)
-    if method.needs_statistics:  # input moments of layers without BN, from the model before any edit
-        statistics.prepare((g.input_source for g, _ in pairs), input_stats, tuple(traced.inputs[0].shape[1:]))
+    propagated = method.input_model == "propagated"
+    sources = [g.input_source for g, _ in pairs if (g.bn is None and method.needs_statistics) or (g.bn is not None and propagated)]
+    if sources:  # input moments, from the model before any edit
+        statistics.prepare(sources, input_stats, tuple(traced.inputs[0].shape[1:]))
     coverage = {}
     if method.mean_correction and pairs:  # border taps of padded consumers read zeros: weight the mean offset by coverage
         seen = {call.module: tuple(call.in_shape[2:]) for call in traced.tally.calls or ()}

@@ -161,9 +161,11 @@ def _add_restore_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variance-correction", choices=("auto", "on", "off"), default="auto",
                         help="rescale the running variance of the BatchNorm after each consumer by the predicted "
                         "change of its input's variance (no data); auto: on for lbyl, off for the others (default)")  # fmt: skip
-    parser.add_argument("--input-model", choices=("white", "bn"), default="white",
-                        help="LBYL only: covariance model of the BN outputs; white: the paper's plain filter "
-                        "distance (default); bn: the input covariance estimated from the BatchNorm variances")  # fmt: skip
+    parser.add_argument("--input-model", choices=("propagated", "white", "bn"), default="propagated",
+                        help="LBYL only: covariance model of the BN outputs; propagated: the input covariance of "
+                        "1x1 and Linear layers propagated through the layers before them, white elsewhere (default); "
+                        "white: the paper's plain filter distance; bn: the input covariance estimated from the "
+                        "BatchNorm variances")  # fmt: skip
     parser.add_argument("--nm-threshold", type=float, default=None, metavar="X",
                         help="nm-paper only: merge a pruned channel only when its cosine similarity to the chosen "
                         "kept one is at least X (the released LeNet script uses 0.45; default: merge all)")  # fmt: skip

@@ -2,18 +2,20 @@
 
 Pure functions on float64 tensors. The BN output of channel ``i`` is
 ``z_i = g_i (w_i . x) + b_i`` (:func:`lbyl.delivery.bn_affine`); with an input
-covariance ``Sigma`` its covariance is ``W' Sigma W'^T``. Two input models give
-``Sigma`` without data: ``"white"`` (``Sigma = I``, the paper's loss) and
-``"bn"`` (fitted to the BatchNorm's running variances, :func:`input_covariance`).
+covariance ``Sigma`` its covariance is ``W' Sigma W'^T``. Three input models give
+``Sigma`` without data: ``"white"`` (``Sigma = I``, the paper's loss), ``"bn"`` (fitted
+to the BatchNorm's running variances, :func:`input_covariance`) and ``"propagated"``
+(propagated from the layers upstream, :mod:`lbyl.statistics`, where the graph allows;
+white elsewhere).
 """
 from __future__ import annotations
 
 import torch
 
-from .activations import as_activation, hermite_channel_covariance
+from .activations import as_activation, hermite_channel_covariance, standardise
 from .delivery import ProducerStats, bn_affine, scaled_filters
 
-INPUT_MODELS = ("white", "bn")
+INPUT_MODELS = ("propagated", "white", "bn")
 
 
 def spans_input_space(filters: torch.Tensor) -> bool:
@@ -97,6 +99,8 @@ def preactivation_covariance(stats: ProducerStats, input_model: str = "bn", gram
     if stats.bn is None and stats.moments is not None:  # the data-free statistics of a layer without BN
         return stats.moments.covariance
     w, _ = scaled_filters(stats)
+    if input_model == "propagated" and stats.input_covariance is not None and stats.bn is not None:
+        return propagated_covariance(stats, w)
     gram = w @ w.T if gram is None else gram
     terms = _covariance_terms(stats) if input_model == "bn" else None
     if terms is None:
@@ -104,6 +108,15 @@ def preactivation_covariance(stats: ProducerStats, input_model: str = "bn", gram
     sigma2, alpha, products = terms
     mixed = bn_affine(stats)[0][:, None] * products  # W' W^T = diag(g) W W^T
     return sigma2 * gram + (mixed * alpha) @ mixed.T
+
+
+def propagated_covariance(stats: ProducerStats, scaled: torch.Tensor | None = None) -> torch.Tensor:
+    """The BN outputs' covariance from the propagated input covariance: the correlations of
+    ``W Sigma W^T``, the variances ``gamma^2`` that the BatchNorm fixes (N x N)."""
+    scaled = scaled_filters(stats)[0] if scaled is None else scaled
+    correlation = standardise(scaled @ stats.input_covariance.to(scaled) @ scaled.T)[1]
+    gamma = stats.bn.gamma.to(torch.float64).abs()
+    return correlation * torch.outer(gamma, gamma)
 
 
 def relu_covariance(
@@ -154,6 +167,8 @@ def solve_space(stats: ProducerStats, kept_filters: torch.Tensor, input_model: s
         return "after-activation" if spans else "white"
     if name != "identity" and spans_input_space(kept_filters):
         return "after-relu" if name == "relu" else "after-activation"
+    if input_model == "propagated" and stats.input_covariance is None:
+        return "white"
     return input_model
 
 

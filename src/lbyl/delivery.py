@@ -46,7 +46,9 @@ class ProducerStats:
     the data-free statistics of its outputs when no BatchNorm follows (or None).
     ``activation_covariance``: the covariance of the channels as the consumers read
     them (after the activation), when the statistics are a model of a later stage
-    (:mod:`lbyl.depthwise`); LBYL then measures its error there.
+    (:mod:`lbyl.depthwise`); LBYL then measures its error there. ``input_covariance``: the
+    covariance of the producer's input (M x M) propagated from the model (:mod:`lbyl.statistics`),
+    for a pointwise producer with a BatchNorm (or None).
     """
 
     filters: torch.Tensor
@@ -54,6 +56,7 @@ class ProducerStats:
     bn: BatchNormStats | None = None
     activation_covariance: torch.Tensor | None = None
     moments: PreactivationMoments | None = None
+    input_covariance: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:

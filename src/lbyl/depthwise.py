@@ -53,6 +53,17 @@ def spatial_correlation(activation_var: torch.Tensor, kernels: torch.Tensor, mea
     return min(1.0, max(0.0, float((slope * (1 - a)).sum()) / denominator))
 
 
+def depthwise_covariance(activation_covariance: torch.Tensor, kernels: torch.Tensor, measured_var: torch.Tensor | None) -> torch.Tensor:
+    """``Cov(d)`` of a depthwise conv's outputs from the covariance of its input channels.
+
+    Any two positions of a window are given the correlation ``rho`` fitted to ``measured_var``
+    (the running variances of the BatchNorm after the conv; None: 0, positions independent).
+    """
+    sums = kernels.sum(dim=1)
+    rho = spatial_correlation(activation_covariance.diagonal(), kernels, measured_var) if measured_var is not None else 0.0
+    return activation_covariance * ((1 - rho) * (kernels @ kernels.T) + rho * torch.outer(sums, sums))
+
+
 def factor(covariance: torch.Tensor) -> torch.Tensor:
     """``F`` with ``F F^T = covariance`` (N x N). Methods read only ``F F^T``, so any factor
     does: Cholesky's, several times cheaper than an eigendecomposition, when the matrix is
@@ -75,8 +86,8 @@ def depthwise_chain_stats(
     the depthwise conv; ``kernels``: the depthwise filters flattened (N x taps);
     ``kernel_bias``: its bias (or None); ``bn``: BN2 (or None); ``consumer_activation``:
     ``f2``, after BN2 (with BN2, the covariance of ``f2(z2)`` is added: the consumers read it);
-    ``input_model``: the producer's input covariance behind z1's correlations (``"white"`` or
-    ``"bn"``, :func:`lbyl.covariance.preactivation_covariance`).
+    ``input_model``: the producer's input covariance behind z1's correlations (``"white"``,
+    ``"bn"`` or ``"propagated"``, :func:`lbyl.covariance.preactivation_covariance`).
     """
     w, b = scaled_filters(producer)
     if producer.bn is not None:  # BN1's running statistics fix z1's mean and variance
@@ -89,8 +100,7 @@ def depthwise_chain_stats(
     kernels = kernels.to(torch.float64)
     sums = kernels.sum(dim=1)
     measured = bn.var.to(torch.float64).clamp_min(0) if bn is not None else None
-    rho = spatial_correlation(cov_a.diagonal(), kernels, measured) if measured is not None else 0.0
-    cov_d = cov_a * ((1 - rho) * (kernels @ kernels.T) + rho * torch.outer(sums, sums))
+    cov_d = depthwise_covariance(cov_a, kernels, measured)
     if bn is None:  # the model's own prediction of the depthwise outputs
         expected = sums * activations.mean(activation, mean1, cov1.diagonal().clamp_min(0).sqrt())
         bias = expected + (kernel_bias.to(torch.float64) if kernel_bias is not None else 0.0)

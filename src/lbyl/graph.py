@@ -717,8 +717,9 @@ def _attention_part(name: str, model: nn.Module) -> str | None:
 
 
 def _input_source(dg, module, bn, memo: dict):
-    """Where a Linear producer without BatchNorm gets its input (:func:`lbyl.statistics.input_source`)."""
-    if bn is not None or not isinstance(module, nn.Linear):
+    """Where a Linear producer without BatchNorm, or a pointwise producer with one, gets its input
+    (:func:`lbyl.statistics.input_source`)."""
+    if not (isinstance(module, nn.Linear) if bn is None else _pointwise_weighted(module)):
         return None
     from .statistics import input_source
 

@@ -144,7 +144,9 @@ class LBYL(Method):
 
     ``lambda1`` weights the BN-bias term, ``lambda2`` the coefficient penalty
     (``"auto"``: per layer by generalised cross-validation on the weights).
-    ``input_model``: ``"white"`` (the paper's filter distance) or ``"bn"`` (the
+    ``input_model``: ``"propagated"`` (the input covariance of a pointwise producer
+    propagated through the layers before it, :mod:`lbyl.statistics`; the paper's white
+    input elsewhere), ``"white"`` (the paper's filter distance everywhere) or ``"bn"`` (the
     input covariance estimated from the BatchNorm's running variances); in a depthwise
     chain it is the input covariance behind the hidden channels' correlations. Where the
     kept filters span the input space and a BN and ReLU follow, the error is
@@ -155,7 +157,7 @@ class LBYL(Method):
     name = "lbyl"
     options = ("lambda1", "lambda2", "input_model", "mean_correction", "variance_correction")
 
-    def __init__(self, lambda1: float = 0.0, lambda2: float | str = 0.0, input_model: str = "white", *,
+    def __init__(self, lambda1: float = 0.0, lambda2: float | str = 0.0, input_model: str = "propagated", *,
                  mean_correction: bool = True, variance_correction: bool = True):  # fmt: skip
         super().__init__(mean_correction=mean_correction, variance_correction=variance_correction)
         self.lambda1 = check_nonnegative("lambda1", lambda1)

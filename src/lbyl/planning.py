@@ -21,7 +21,7 @@ from .delivery import BatchNormStats, ProducerStats
 from .depthwise import depthwise_chain_stats
 from .graph import RestorableGroup, SkippedLayer
 from .report import SkippedRecord, format_table, percent
-from .statistics import producer_moments, reads_layernorm
+from .statistics import producer_moments, propagated_input_covariance, reads_layernorm
 
 PLAN_VERSION = 1
 
@@ -200,6 +200,8 @@ def layer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = False
     those of the stage's output channels (:func:`lbyl.depthwise.depthwise_chain_stats`, with the
     producer's input covariance from ``input_model``). ``moments``: see :func:`producer_stats`."""
     stats = producer_stats(group, dropped_inputs, moments)
+    if input_model == "propagated":
+        stats = replace(stats, input_covariance=propagated_input_covariance(group, dropped_inputs))
     stage = group.stage
     if stage is None:
         return stats

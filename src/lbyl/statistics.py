@@ -3,6 +3,8 @@
 A producer followed by a BatchNorm has recorded statistics; one without has none,
 so they are derived from the model alone, from an *anchor* the model fixes:
 
+* ``"white"``: the input of a convolution with a BatchNorm whose kernel is larger than
+  1x1 (its patches) is taken as white, the paper's model; the BatchNorm fixes the scale;
 * ``"input"``: the network input (through reshapes only) is taken as standardised,
   mean 0 and covariance ``I`` per feature, the usual preprocessing, unless the user
   declares its mean and standard deviation (``input_stats``; features uncorrelated);
@@ -10,16 +12,28 @@ so they are derived from the model alone, from an *anchor* the model fixes:
   and variance 1 over its ``d`` features before its affine, so its output has mean
   ``beta`` and covariance ``diag(gamma) C diag(gamma)``, ``C = d/(d-1) (I - 11^T/d)``
   (the covariance of a normalised token with exchangeable features);
-* ``"activation"``: the input is ``f(z)`` of an upstream Linear layer (optionally
-  with a BatchNorm), whose pre-activation ``z`` has its own statistics; ``z`` is
-  modelled as Gaussian and the moments of ``f(z)`` come from
+* ``"activation"``: the input is ``f(z)`` of an upstream pointwise layer (Linear or
+  1x1 convolution, optionally with a BatchNorm), whose pre-activation ``z`` has its own
+  statistics; ``z`` is modelled as Gaussian and the moments of ``f(z)`` come from
   :mod:`lbyl.activations` (means by quadrature or closed form, the covariance by
-  Mehler's series).
+  Mehler's series);
+* ``"pointwise"``: the BatchNorm output of an upstream pointwise layer (no activation:
+  an inverted residual's project conv);
+* ``"stage"``: ``f2(BN2(depthwise(f1(BN1(pointwise(...))))))``, the hidden channels of an
+  inverted residual after its depthwise convolution (:func:`lbyl.depthwise.depthwise_covariance`);
+* ``"add"``: a residual sum, its parts taken as uncorrelated.
+
+With a BatchNorm the marginals are the BatchNorm's (mean ``beta``, variance ``gamma^2``)
+and only the correlations are propagated.
 
 A Linear layer maps input moments ``(m, C)`` to ``(W m + b, W C W^T)``. The source of
 a producer's input is found on the traced graph (:func:`input_source`); a producer
 whose input comes from anything else (a residual add, attention, a convolution)
 has no statistics (None) and is treated as before.
+
+A producer *with* a BatchNorm has its output marginals recorded but not the correlations
+of its input; for a pointwise producer the propagated input covariance supplies them
+(``input_model="propagated"`` of :class:`lbyl.LBYL`).
 """
 from __future__ import annotations
 
@@ -32,9 +46,12 @@ from . import activations
 from .activation_nodes import UnsupportedActivation, is_activation, read_activation
 from .activations import Activation
 from .delivery import PreactivationMoments
+from .depthwise import depthwise_covariance
 
 LINEAR = (nn.Linear,)
 _PASS = ("ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "CloneBackward", "AliasBackward")
+_PAD = ("ConstantPadNdBackward",)  # spatial zero padding before a depthwise conv ("same" padding)
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _MATMUL = ("AddmmBackward", "MmBackward")
 #: the longest chain of Linear -> activation layers followed back to an anchor
 MAX_DEPTH = 64
@@ -44,9 +61,11 @@ MAX_DEPTH = 64
 class InputSource:
     """Where a producer's input comes from (see the module docstring).
 
-    ``kind``: ``"input"``, ``"layernorm"`` (``module``: the LayerNorm) or ``"activation"``
-    (``module``: the upstream Linear layer, ``bn``: its BatchNorm or None, ``activation``,
-    ``upstream``: the source of that layer's input). ``features``: the input width.
+    ``kind``: ``"input"``, ``"layernorm"`` (``module``: the LayerNorm), ``"activation"``
+    (``module``: the upstream pointwise layer, ``bn``: its BatchNorm or None, ``activation``,
+    ``upstream``: the source of that layer's input), ``"pointwise"`` (the same without an
+    activation), ``"stage"`` (as ``"activation"``, then ``depthwise``: the depthwise conv, its
+    BatchNorm and activation) or ``"add"`` (``parts``). ``features``: the input width.
     The computed moments are cached (:func:`input_moments`).
     """
 
@@ -56,11 +75,18 @@ class InputSource:
     bn: nn.Module | None = None
     activation: Activation | None = None
     upstream: "InputSource | None" = None
+    depthwise: tuple | None = None  # (conv, BatchNorm, Activation) of a "stage"
+    parts: tuple = ()
     cache: tuple | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         if self.kind == "activation":
-            return f"{self.activation} of a Linear layer <- {self.upstream.describe()}"
+            layer = "a Linear layer" if isinstance(self.module, nn.Linear) else "a 1x1 convolution"
+            return f"{self.activation} of {layer} <- {self.upstream.describe()}"
+        if self.kind in ("pointwise", "stage"):
+            return f"{self.kind} <- {self.upstream.describe()}"
+        if self.kind == "add":  # the parts share their history: not expanded
+            return f"add of {len(self.parts)}"
         return self.kind
 
 
@@ -99,41 +125,95 @@ def _below_producer(node):
 
 
 def input_source(dg, node, memo: dict | None = None, depth: int = 0) -> InputSource | None:
-    """The :class:`InputSource` of a Linear producer's input on a Torch-Pruning graph, or None.
+    """The :class:`InputSource` of a pointwise producer's input on a Torch-Pruning graph, or None.
 
-    ``memo`` (module -> source) shares the sources of upstream layers between producers.
+    ``memo`` (module or node -> source) shares the sources of upstream layers between producers.
     """
     memo = {} if memo is None else memo
     module = node.module
     if module in memo:
         return memo[module]
-    features = module.weight.shape[1]
+    memo[module] = None  # a cycle (never in a traced graph) ends here
     below = _below_producer(node)
-    source = None
+    memo[module] = None if below is None else _source(dg, below, module.weight.shape[1], memo, depth)
+    return memo[module]
+
+
+def _source(dg, below, features: int, memo: dict, depth: int) -> InputSource | None:
+    """The source of ``features`` channels produced by node ``below`` (or ``"input"``)."""
     if below == "input":
-        source = InputSource("input", features)
-    elif below is not None and isinstance(below.module, nn.LayerNorm):
+        return InputSource("input", features)
+    if depth >= MAX_DEPTH:
+        return None
+    if below in memo:
+        return memo[below]
+    memo[below] = None
+    source = None
+    if isinstance(below.module, nn.LayerNorm):
         shape = tuple(below.module.normalized_shape)
         if len(shape) == 1 and shape[0] == features:
             source = InputSource("layernorm", features, below.module)
-    elif below is not None and is_activation(below) and depth < MAX_DEPTH:
+    elif is_activation(below):
         source = _activation_source(dg, below, features, memo, depth)
-    memo[module] = source
+    elif isinstance(below.module, _BATCHNORM):
+        source = _pointwise_source(dg, below, features, memo, depth)
+    elif _name(below).startswith("AddBackward") and _is_op(below):
+        parts = [_source(dg, _skip_passes(i), features, memo, depth + 1) for i in _data_inputs(below)]
+        if len(parts) >= 2 and all(p is not None for p in parts):
+            source = InputSource("add", features, parts=tuple(parts))
+    memo[below] = source
     return source
+
+
+def _skip_passes(node, names=_PASS):
+    while node is not None and _is_op(node) and _name(node).startswith(names):
+        inputs = _data_inputs(node)
+        node = inputs[0] if len(inputs) == 1 else None
+    return node
+
+
+def _pointwise(module, features: int) -> bool:
+    """A Linear layer or an ungrouped 1x1 convolution with ``features`` outputs."""
+    if isinstance(module, LINEAR):
+        return module.weight.shape[0] == features
+    return (isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups == 1
+            and module.weight[0, 0].numel() == 1 and module.weight.shape[0] == features)  # fmt: skip
+
+
+def _layer_below(dg, node, features: int, memo: dict, depth: int):
+    """``(layer, bn, source of the layer's input)`` for a node that is a pointwise layer or its
+    BatchNorm, or None."""
+    bn = None
+    if isinstance(node.module, _BATCHNORM):
+        bn = node.module
+        inputs = _data_inputs(node)
+        if len(inputs) != 1 or bn.running_var is None or bn.num_features != features:
+            return None
+        node = _skip_passes(inputs[0])
+    if node is None:
+        return None
+    if bn is not None and _filtering(node.module, features):  # white input: the paper's model, as an anchor
+        return node.module, bn, InputSource("white", node.module.weight[0].numel())
+    if not _pointwise(node.module, features):
+        return None
+    below = input_source(dg, node, memo, depth + 1)
+    return None if below is None else (node.module, bn, below)
+
+
+def _filtering(module, features: int) -> bool:
+    """An ungrouped convolution with a kernel larger than 1x1 and ``features`` outputs."""
+    return (isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups == 1
+            and module.weight[0, 0].numel() > 1 and module.weight.shape[0] == features)  # fmt: skip
+
+
+def _pointwise_source(dg, node, features: int, memo: dict, depth: int) -> InputSource | None:
+    found = _layer_below(dg, node, features, memo, depth)
+    return None if found is None else InputSource("pointwise", features, found[0], found[1], upstream=found[2])
 
 
 def _activation_source(dg, node, features: int, memo: dict, depth: int) -> InputSource | None:
     inputs = _data_inputs(node)
     if len(inputs) != 1:
-        return None
-    upstream, bn = inputs[0], None
-    if isinstance(upstream.module, nn.BatchNorm1d):
-        bn = upstream.module
-        inputs = _data_inputs(upstream)
-        if len(inputs) != 1 or bn.running_var is None:
-            return None
-        upstream = inputs[0]
-    if type(upstream.module) not in LINEAR or upstream.module.weight.shape[0] != features:
         return None
     try:
         activation = read_activation(node, features)
@@ -141,10 +221,32 @@ def _activation_source(dg, node, features: int, memo: dict, depth: int) -> Input
         return None
     if activation.module is not None:  # per-channel PReLU slopes: pruned in place, not modelled here
         return None
-    below = input_source(dg, upstream, memo, depth + 1)
-    if below is None:
+    below = _skip_passes(inputs[0])
+    found = _layer_below(dg, below, features, memo, depth) if below is not None else None
+    if found is not None:
+        return InputSource("activation", features, found[0], found[1], activation, found[2])
+    return _stage_source(dg, below, features, activation, memo, depth)
+
+
+def _stage_source(dg, node, features: int, activation: Activation, memo: dict, depth: int) -> InputSource | None:
+    """``f2(BN2(depthwise(f1(...))))``: ``node`` is BN2, below it a depthwise conv of ``features`` channels."""
+    if node is None or not isinstance(node.module, _BATCHNORM) or node.module.running_var is None:
         return None
-    return InputSource("activation", features, upstream.module, bn, activation, below)
+    inputs = _data_inputs(node)
+    conv = _skip_passes(inputs[0]) if len(inputs) == 1 else None
+    module = None if conv is None else conv.module
+    if not (isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            and module.groups == module.in_channels == module.out_channels == features):  # fmt: skip
+        return None
+    inputs = _data_inputs(conv)
+    inner = _skip_passes(inputs[0], _PASS + _PAD) if len(inputs) == 1 else None
+    if inner is None or not is_activation(inner):
+        return None
+    hidden = _activation_source(dg, inner, features, memo, depth + 1)
+    if hidden is None or hidden.kind != "activation" or hidden.bn is None:
+        return None
+    return InputSource("stage", features, hidden.module, hidden.bn, hidden.activation, hidden.upstream,
+                       depthwise=(module, node.module, activation))  # fmt: skip
 
 
 # ---------------------------------------------------------------- moments
@@ -192,15 +294,27 @@ def input_moments(source: InputSource) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _input_moments(source: InputSource) -> tuple[torch.Tensor, torch.Tensor]:
-    if source.kind == "input":
+    if source.kind in ("input", "white"):
         n = source.features
         return torch.zeros(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
     if source.kind == "layernorm":
         return layernorm_moments(source.module)
-    mean, covariance = linear_moments(source.module.weight, source.module.bias, *input_moments(source.upstream))
+    if source.kind == "add":
+        moments = [input_moments(part) for part in source.parts]
+        return sum(m for m, _ in moments), sum(c for _, c in moments)
+    weight = source.module.weight.reshape(source.module.weight.shape[0], -1)
+    mean, covariance = linear_moments(weight, source.module.bias, *input_moments(source.upstream))
     if source.bn is not None:
         mean, covariance = batchnorm_moments(source.bn, covariance)
-    return activation_moments(source.activation, mean, covariance)
+    if source.kind == "pointwise":
+        return mean, covariance
+    mean, covariance = activation_moments(source.activation, mean, covariance)
+    if source.kind == "stage":
+        conv, bn, activation = source.depthwise
+        kernels = conv.weight.detach().to(torch.float64).reshape(conv.weight.shape[0], -1)
+        covariance = depthwise_covariance(covariance, kernels, bn.running_var.detach().to(torch.float64))
+        mean, covariance = activation_moments(activation, *batchnorm_moments(bn, covariance))
+    return mean, covariance
 
 
 def prepare(sources, input_stats=None, input_shape=None) -> None:
@@ -260,6 +374,26 @@ def producer_moments(group, weight: torch.Tensor, bias, dropped_inputs=()) -> Pr
         return None
     out_mean, out_covariance = linear_moments(weight, bias, mean, covariance)
     return PreactivationMoments(out_mean, out_covariance, source.describe())
+
+
+def propagated_input_covariance(group, dropped_inputs=()) -> torch.Tensor | None:
+    """The input covariance (M x M) of a pointwise producer with a BatchNorm, propagated from the
+    model, or None (no source, or a source these statistics do not fit)."""
+    source = getattr(group, "input_source", None)
+    if group.bn is None or source is None:
+        return None
+    try:
+        covariance = input_moments(source)[1]
+    except Exception:  # statistics improve a restoration; a model they do not fit is restored without them
+        return None
+    if len(dropped_inputs):
+        keep = torch.ones(covariance.shape[0], dtype=torch.bool)
+        keep[list(dropped_inputs)] = False
+        covariance = covariance[keep][:, keep]
+    width = group.producer.weight[0].numel() - len(dropped_inputs)
+    if covariance.shape[0] != width or not bool(torch.isfinite(covariance).all()):
+        return None
+    return covariance.to(group.producer.weight.device)
 
 
 def anchor(source: InputSource | None) -> InputSource | None:
