@@ -47,6 +47,7 @@ VARIANTS: dict[str, Callable[[], lbyl.Method]] = {
     "lbyl-mean-only": lambda: lbyl.LBYL(variance_correction=False),
     "lbyl-paper": lbyl.paper.LBYL,
     "lbyl-bn-input": lambda: lbyl.LBYL(input_model="bn"),
+    "lbyl-white": lambda: lbyl.LBYL(input_model="white"),
 }
 COLUMNS = (
     "key", "variant", "method", "ratio", "criterion", "images", "top1", "top5", "params_before", "params_after",

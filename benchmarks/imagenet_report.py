@@ -21,6 +21,8 @@ WHAT = {
     "lbyl-paper": "LBYL as the authors released it",
     "lbyl-bn-input": "the default with the input covariance fitted to the BatchNorm variances (`input_model=\"bn\"`): "
     "it sets the correlations of a chain's hidden channels",
+    "lbyl-white": "the default with the paper's white input everywhere (`input_model=\"white\"`, the default "
+    "before 0.6.0): no covariance propagated into the 1x1 convolutions",
 }
 
 
