@@ -140,3 +140,28 @@ def test_layer_page_names_the_layers_where_lbyl_loses_to_prune():
     page = render(rows, 90.0, 0.1, 200, "a machine", 60.0)
     assert "| `b` | 96 -> 86 | 0.0800 | 89.0 | 0.1700 | 83.0 | 0.1300 | 85.0 |" in page
     assert "`lbyl` has a larger KL than `prune` in: `b`." in page
+
+
+def test_propagated_covariance_predicts_the_recorded_variances_of_lite0():
+    """Data-free check of the propagated input covariance on real weights: the variance it predicts
+    along every filter of a pointwise producer, against what that producer's BatchNorm recorded
+    during training. Printed per layer with ``-s``; docs/method.md section 5k quotes them."""
+    _require(_lite0_packages())
+    from benchmarks.imagenet_data import load_lite0
+    from lbyl.graph import find_groups
+    from lbyl.statistics import propagated_input_covariance
+
+    model = load_lite0()
+    groups, _ = find_groups(model, (torch.zeros(1, 3, 224, 224),))
+    medians = {}
+    for group in groups:
+        covariance = propagated_input_covariance(group)
+        if covariance is None:
+            continue
+        weight = group.producer.weight.detach().double().reshape(group.channels, -1)
+        ratio = ((weight @ covariance @ weight.T).diagonal() / group.bn.running_var.double()).sqrt()
+        medians[group.name] = float(ratio.median())
+        low, high = ratio.quantile(0.1), ratio.quantile(0.9)
+        print(f"{group.name}: predicted / recorded std, median {medians[group.name]:.2f}, 10-90 % {low:.2f}-{high:.2f}")
+    assert len(medians) == 18  # every restorable layer but the stem, which reads the image
+    assert all(0.8 < m < 1.1 for m in medians.values()), medians
