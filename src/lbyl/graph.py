@@ -20,7 +20,7 @@ from torch_pruning import ops
 
 from .activation_nodes import NOT_ELEMENTWISE, UnsupportedActivation, is_activation, read_activation
 from .activations import Activation
-from .layouts import WEIGHTED, subclass_refusals
+from .layouts import WEIGHTED, is_depthwise_stage, pointwise, subclass_refusals
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -363,7 +363,7 @@ def _walk(dg, start, names):
                 if isinstance(nxt.module, nn.Conv2d | nn.Conv1d | nn.Conv3d):
                     if reshaped:
                         raise _Unsupported(f"reshaped before the convolution {label}")
-                    if nxt.module.groups != 1 and _is_depthwise_stage(nxt.module, channels):
+                    if nxt.module.groups != 1 and is_depthwise_stage(nxt.module, channels):
                         if stage is not None or gate is not None:
                             raise _Unsupported(f"feeds the depthwise convolution {label} after another one")
                         path.append(label)
@@ -458,13 +458,13 @@ def _excitation(mul, source, channels: int, names) -> SqueezeExcitation | None:
         if gate is not None:
             return None
         gate, node = _activation(node, channels, None), node.inputs[0]
-    if gate is None or not _pointwise_weighted(node.module, out=channels):
+    if gate is None or not pointwise(node.module, out=channels):
         return None
     expand = node.module
     node, inner = _skip_reshapes(node.inputs), IDENTITY
     if node is not None and is_activation(node):
         inner, node = _activation(node, expand.weight.shape[1], None), _skip_reshapes(node.inputs)
-    if node is None or not _pointwise_weighted(node.module, into=channels):
+    if node is None or not pointwise(node.module, into=channels):
         return None
     reduce = node.module
     node = _skip_reshapes(node.inputs)
@@ -479,23 +479,11 @@ def _excitation(mul, source, channels: int, names) -> SqueezeExcitation | None:
     return SqueezeExcitation(names.get(reduce, "?"), reduce, inner, names.get(expand, "?"), expand, gate)
 
 
-def _pointwise_weighted(module, out: int | None = None, into: int | None = None) -> bool:
-    """A Linear layer or an ungrouped convolution with a 1x1 kernel, of the given width."""
-    if not isinstance(module, WEIGHTED) or getattr(module, "groups", 1) != 1 or module.weight[0, 0].numel() != 1:
-        return False
-    return (out is None or module.weight.shape[0] == out) and (into is None or module.weight.shape[1] == into)
-
-
 def _skip_reshapes(inputs):
     node = inputs[0] if len(inputs) == 1 else None
     while node is not None and node.type == ops.OPTYPE.RESHAPE:
         node = node.inputs[0] if len(node.inputs) == 1 else None
     return node
-
-
-def _is_depthwise_stage(module: nn.Module, channels: int) -> bool:
-    """A depthwise conv that maps each of the producer's channels to one channel of its own."""
-    return module.groups == module.in_channels == module.out_channels == channels
 
 
 def _stage(found, channels: int, names) -> DepthwiseStage | None:
@@ -719,7 +707,7 @@ def _attention_part(name: str, model: nn.Module) -> str | None:
 def _input_source(dg, module, bn, memo: dict):
     """Where a Linear producer without BatchNorm, or a pointwise producer with one, gets its input
     (:func:`lbyl.statistics.input_source`)."""
-    if not (isinstance(module, nn.Linear) if bn is None else _pointwise_weighted(module)):
+    if not (isinstance(module, nn.Linear) if bn is None else pointwise(module)):
         return None
     from .statistics import input_source
 

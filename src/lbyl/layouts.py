@@ -20,6 +20,19 @@ from .counting import as_tuple, eval_mode, shape_only_forward
 
 #: layer types whose output channels lbyl prunes and whose input channels it edits
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def pointwise(module, out: int | None = None, into: int | None = None) -> bool:
+    """A Linear layer or an ungrouped convolution with a 1x1 kernel, of the given width."""
+    if not isinstance(module, WEIGHTED) or getattr(module, "groups", 1) != 1 or module.weight[0, 0].numel() != 1:
+        return False
+    return (out is None or module.weight.shape[0] == out) and (into is None or module.weight.shape[1] == into)
+
+
+def is_depthwise_stage(module, channels: int) -> bool:
+    """A depthwise conv that maps each of the producer's channels to one channel of its own."""
+    return isinstance(module, CONVS) and module.groups == module.in_channels == module.out_channels == channels
 
 
 def subclass_refusals(model: nn.Module, example_inputs, shapes: dict | None = None) -> dict[nn.Module, str]:

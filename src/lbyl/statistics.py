@@ -47,13 +47,13 @@ from .activation_nodes import UnsupportedActivation, is_activation, read_activat
 from .activations import Activation
 from .delivery import PreactivationMoments
 from .depthwise import depthwise_covariance
+from .layouts import CONVS, is_depthwise_stage, pointwise
 
-LINEAR = (nn.Linear,)
 _PASS = ("ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "CloneBackward", "AliasBackward")
 _PAD = ("ConstantPadNdBackward",)  # spatial zero padding before a depthwise conv ("same" padding)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _MATMUL = ("AddmmBackward", "MmBackward")
-#: the longest chain of Linear -> activation layers followed back to an anchor
+#: the longest chain of layers, activations and adds followed back to an anchor
 MAX_DEPTH = 64
 
 
@@ -172,14 +172,6 @@ def _skip_passes(node, names=_PASS):
     return node
 
 
-def _pointwise(module, features: int) -> bool:
-    """A Linear layer or an ungrouped 1x1 convolution with ``features`` outputs."""
-    if isinstance(module, LINEAR):
-        return module.weight.shape[0] == features
-    return (isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups == 1
-            and module.weight[0, 0].numel() == 1 and module.weight.shape[0] == features)  # fmt: skip
-
-
 def _layer_below(dg, node, features: int, memo: dict, depth: int):
     """``(layer, bn, source of the layer's input)`` for a node that is a pointwise layer or its
     BatchNorm, or None."""
@@ -194,7 +186,7 @@ def _layer_below(dg, node, features: int, memo: dict, depth: int):
         return None
     if bn is not None and _filtering(node.module, features):  # white input: the paper's model, as an anchor
         return node.module, bn, InputSource("white", node.module.weight[0].numel())
-    if not _pointwise(node.module, features):
+    if not pointwise(node.module, out=features):
         return None
     below = input_source(dg, node, memo, depth + 1)
     return None if below is None else (node.module, bn, below)
@@ -202,7 +194,7 @@ def _layer_below(dg, node, features: int, memo: dict, depth: int):
 
 def _filtering(module, features: int) -> bool:
     """An ungrouped convolution with a kernel larger than 1x1 and ``features`` outputs."""
-    return (isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups == 1
+    return (isinstance(module, CONVS) and module.groups == 1
             and module.weight[0, 0].numel() > 1 and module.weight.shape[0] == features)  # fmt: skip
 
 
@@ -235,8 +227,7 @@ def _stage_source(dg, node, features: int, activation: Activation, memo: dict, d
     inputs = _data_inputs(node)
     conv = _skip_passes(inputs[0]) if len(inputs) == 1 else None
     module = None if conv is None else conv.module
-    if not (isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
-            and module.groups == module.in_channels == module.out_channels == features):  # fmt: skip
+    if not is_depthwise_stage(module, features):
         return None
     inputs = _data_inputs(conv)
     inner = _skip_passes(inputs[0], _PASS + _PAD) if len(inputs) == 1 else None
@@ -357,18 +348,13 @@ def producer_moments(group, weight: torch.Tensor, bias, dropped_inputs=()) -> Pr
 
     ``weight`` (N x M, float64) may lack the ``dropped_inputs`` columns (sequential order).
     """
-    source = getattr(group, "input_source", None)
-    if group.bn is not None or source is None:
+    if group.bn is not None:
         return None
-    try:
-        mean, covariance = input_moments(source)
-    except Exception:  # statistics improve a restoration; a model they do not fit is restored without them
+    moments = _group_input_moments(group, dropped_inputs, weight.device)
+    if moments is None:
         return None
-    mean, covariance = mean.to(weight.device), covariance.to(weight.device)
-    if len(dropped_inputs):
-        keep = torch.ones(mean.shape[0], dtype=torch.bool, device=weight.device)
-        keep[list(dropped_inputs)] = False
-        mean, covariance = mean[keep], covariance[keep][:, keep]
+    mean, covariance = moments
+    source = group.input_source
     weight = weight.reshape(weight.shape[0], -1)
     if weight.shape[1] != mean.shape[0]:
         return None
@@ -379,21 +365,34 @@ def producer_moments(group, weight: torch.Tensor, bias, dropped_inputs=()) -> Pr
 def propagated_input_covariance(group, dropped_inputs=()) -> torch.Tensor | None:
     """The input covariance (M x M) of a pointwise producer with a BatchNorm, propagated from the
     model, or None (no source, or a source these statistics do not fit)."""
-    source = getattr(group, "input_source", None)
-    if group.bn is None or source is None:
+    if group.bn is None:
         return None
-    try:
-        covariance = input_moments(source)[1]
-    except Exception:  # statistics improve a restoration; a model they do not fit is restored without them
+    moments = _group_input_moments(group, dropped_inputs, group.producer.weight.device)
+    if moments is None:
         return None
-    if len(dropped_inputs):
-        keep = torch.ones(covariance.shape[0], dtype=torch.bool)
-        keep[list(dropped_inputs)] = False
-        covariance = covariance[keep][:, keep]
+    covariance = moments[1]
     width = group.producer.weight[0].numel() - len(dropped_inputs)
     if covariance.shape[0] != width or not bool(torch.isfinite(covariance).all()):
         return None
-    return covariance.to(group.producer.weight.device)
+    return covariance
+
+
+def _group_input_moments(group, dropped_inputs, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The moments of a group's input source on ``device``, without the ``dropped_inputs``; None
+    without a source or where computing them fails."""
+    source = getattr(group, "input_source", None)
+    if source is None:
+        return None
+    try:
+        mean, covariance = input_moments(source)
+    except Exception:  # statistics improve a restoration; a model they do not fit is restored without them
+        return None
+    mean, covariance = mean.to(device), covariance.to(device)
+    if len(dropped_inputs):
+        keep = torch.ones(mean.shape[0], dtype=torch.bool, device=device)
+        keep[list(dropped_inputs)] = False
+        mean, covariance = mean[keep], covariance[keep][:, keep]
+    return mean, covariance
 
 
 def anchor(source: InputSource | None) -> InputSource | None:
