@@ -48,6 +48,9 @@ VARIANTS: dict[str, Callable[[], lbyl.Method]] = {
     "lbyl-paper": lbyl.paper.LBYL,
     "lbyl-bn-input": lambda: lbyl.LBYL(input_model="bn"),
     "lbyl-white": lambda: lbyl.LBYL(input_model="white"),
+    "lbyl-gaussian": lambda: lbyl.LBYL(scale_spread=0.0),
+    "lbyl-spread-0.35": lambda: lbyl.LBYL(scale_spread=0.35),
+    "lbyl-spread-0.7": lambda: lbyl.LBYL(scale_spread=0.7),
 }
 COLUMNS = (
     "key", "variant", "method", "ratio", "criterion", "images", "top1", "top5", "params_before", "params_after",

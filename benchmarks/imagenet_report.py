@@ -23,6 +23,10 @@ WHAT = {
     "it sets the correlations of a chain's hidden channels",
     "lbyl-white": "the default with the paper's white input everywhere (`input_model=\"white\"`, the default "
     "before 0.6.0): no covariance propagated into the 1x1 convolutions",
+    "lbyl-gaussian": "the default with Gaussian activation inputs in the depthwise chains (`scale_spread=0`, "
+    "the default before 0.7.0): no scale shared by a position's channels",
+    "lbyl-spread-0.35": "the default with a smaller spread of the shared scale (`scale_spread=0.35`, kurtosis 4.9)",
+    "lbyl-spread-0.7": "the default with a larger spread of the shared scale (`scale_spread=0.7`, kurtosis 21)",
 }
 
 

@@ -296,13 +296,14 @@ def test_method_options_are_validated(make, error, match):
 def test_valid_method_options_are_kept():
     method = lbyl.LBYL(1, "auto", "bn", mean_correction=False, variance_correction=False)
     assert method.settings() == {"method": "lbyl", "lambda1": 1.0, "lambda2": "auto", "input_model": "bn",
-                                 "mean_correction": False, "variance_correction": False}  # fmt: skip
+                                 "scale_spread": 0.5, "mean_correction": False, "variance_correction": False}  # fmt: skip
     assert isinstance(method.lambda1, float)
     assert lbyl.paper.NeuronMerging(-1).threshold == -1.0 and lbyl.paper.NeuronMerging(None).threshold is None
     assert lbyl.paper.NeuronMerging(0.45).settings() == {"method": "nm-paper", "threshold": 0.45,
                                                          "mean_correction": False, "variance_correction": False}  # fmt: skip
     assert repr(lbyl.LBYL(lambda2=0.1)) == (
-        "lbyl.LBYL(lambda1=0.0, lambda2=0.1, input_model='propagated', mean_correction=True, variance_correction=True)"
+        "lbyl.LBYL(lambda1=0.0, lambda2=0.1, input_model='propagated', scale_spread=0.5, mean_correction=True, "
+        "variance_correction=True)"
     )
     assert repr(lbyl.paper.NeuronMerging(0.45)).startswith("lbyl.paper.NeuronMerging(threshold=0.45")
 

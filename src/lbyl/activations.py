@@ -483,3 +483,29 @@ def hermite_channel_covariance(activation, mean: torch.Tensor, covariance_matrix
     result.mul_(rho)
     result = (result + result.T) / 2
     return result.diagonal_scatter(var)
+
+
+
+#: nodes of the Gauss-Hermite rule over the log of a scale mixture's shared scale
+SCALE_MIXTURE_NODES = 9
+
+
+@lru_cache(maxsize=8)
+def _gauss_hermite(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes and weights (summing to 1) of the ``n``-point rule for ``E g(x)``, ``x ~ N(0, 1)``
+    (Golub-Welsch: eigenvalues of the Jacobi matrix of the probabilists' Hermite polynomials)."""
+    off = torch.arange(1, n, dtype=torch.float64).sqrt()
+    nodes, vectors = torch.linalg.eigh(torch.diag(off, 1) + torch.diag(off, -1))
+    return nodes, vectors[0] ** 2
+
+
+def scale_mixture(spread: float, nodes: int = SCALE_MIXTURE_NODES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared scales ``s^2`` and weights of a log-normal scale with ``E s^2 = 1``.
+
+    ``log s ~ N(-spread^2, spread^2)``; a Gaussian scaled by ``s`` has kurtosis
+    ``3 exp(4 spread^2)``. Gauss-Hermite nodes in ``log s``: deterministic.
+    """
+    if spread == 0:  # one node is exact
+        return torch.ones(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    u, weights = _gauss_hermite(nodes)
+    return torch.exp(2 * spread * u - 2 * spread**2), weights

@@ -164,7 +164,7 @@ class _Clock:
 def _solve_and_apply(target, traced: Traced, pairs, method: Method, order: str, criterion: str, clock,
                      input_stats=None) -> list[LayerRecord]:  # fmt: skip
     """Per layer: read its statistics, let the method solve, fold the solution into the consumers."""
-    reader = _StatsReader([g for g, _ in pairs], order, method.needs_statistics, method.input_model)
+    reader = _StatsReader([g for g, _ in pairs], order, method.needs_statistics, method.input_model, method.scale_spread)
     propagated = method.input_model == "propagated"
     sources = [g.input_source for g, _ in pairs if (g.bn is None and method.needs_statistics) or (g.bn is not None and propagated)]
     if sources:  # input moments, from the model before any edit
@@ -201,21 +201,23 @@ class _StatsReader:
     ``sequential``: as edited so far, without the input channels already removed upstream.
     """
 
-    def __init__(self, groups: list[RestorableGroup], order: str, moments: bool = True, input_model: str = "white"):
+    def __init__(self, groups: list[RestorableGroup], order: str, moments: bool = True, input_model: str = "white",
+                 scale_spread: float = 0.0):  # fmt: skip
         self.unread = {g.producer: g for g in groups} if order == "original" else {}
         self.order, self.snapshots, self.dropped, self.moments = order, {}, {}, moments
-        self.input_model = input_model
+        self.input_model, self.scale_spread = input_model, scale_spread
 
     def read(self, group):
         self.unread.pop(group.producer, None)
         dropped = sorted(self.dropped.get(group.producer, ()))
-        return self.snapshots.pop(group.name, None) or layer_stats(group, dropped, self.moments, self.input_model)
+        return self.snapshots.pop(group.name, None) or layer_stats(group, dropped, self.moments, self.input_model, self.scale_spread)
 
     def before_editing(self, group, pruned: torch.Tensor):
         for consumer in group.consumers:
             later = self.unread.pop(consumer.module, None)
             if later is not None:
-                self.snapshots[later.name] = layer_stats(later, moments=self.moments, input_model=self.input_model)
+                self.snapshots[later.name] = layer_stats(later, moments=self.moments, input_model=self.input_model,
+                                                         scale_spread=self.scale_spread)
             if self.order == "sequential":  # the columns that go: a later producer no longer has them
                 columns = consumer.positions[pruned.cpu()].flatten().tolist()
                 self.dropped.setdefault(consumer.module, set()).update(columns)

@@ -166,6 +166,10 @@ def _add_restore_args(parser: argparse.ArgumentParser) -> None:
                         "1x1 and Linear layers propagated through the layers before them, white elsewhere (default); "
                         "white: the paper's plain filter distance; bn: the input covariance estimated from the "
                         "BatchNorm variances")  # fmt: skip
+    parser.add_argument("--scale-spread", type=float, default=0.5, metavar="X",
+                        help="LBYL only: in a depthwise chain (inverted residual), model the inputs of the activations "
+                        "as Gaussians scaled by one factor shared by a position's channels, log-normal with this "
+                        "spread (default 0.5, kurtosis 8.2; 0: Gaussian)")  # fmt: skip
     parser.add_argument("--nm-threshold", type=float, default=None, metavar="X",
                         help="nm-paper only: merge a pruned channel only when its cosine similarity to the chosen "
                         "kept one is at least X (the released LeNet script uses 0.45; default: merge all)")  # fmt: skip

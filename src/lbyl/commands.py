@@ -93,7 +93,7 @@ def _method(name: str, args):
                                             ("variance_correction", args.variance_correction))}  # fmt: skip
     corrections = {k: v for k, v in corrections.items() if v is not None}
     if name == "lbyl":
-        return methods.LBYL(args.lambda1, args.lambda2, args.input_model, **corrections)
+        return methods.LBYL(args.lambda1, args.lambda2, args.input_model, scale_spread=args.scale_spread, **corrections)
     if name == "lbyl-paper":
         return paper.LBYL(args.lambda1, args.lambda2, **corrections)
     if name == "nm-paper":

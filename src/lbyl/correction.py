@@ -43,6 +43,8 @@ def expected_activation(stats: ProducerStats, activation: Activation | str) -> t
         return None
     mean, std = marginals
     activation = activations.as_activation(activation)
+    if stats.activation_mean is not None:  # a later stage's own model (lbyl.depthwise)
+        return stats.activation_mean
     if activation == "relu":
         return expected_relu(mean, std)
     if activation == "identity":
@@ -55,6 +57,8 @@ def activation_variance(stats: ProducerStats, activation: Activation | str) -> t
     marginals = _marginals(stats)
     if marginals is None:
         return None
+    if stats.activation_mean is not None:  # a later stage's own model (lbyl.depthwise)
+        return stats.activation_covariance.diagonal()
     mean, std = marginals
     activation = activations.as_activation(activation)
     return std**2 if activation == "identity" else activations.variance(activation, mean, std)

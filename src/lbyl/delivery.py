@@ -48,7 +48,9 @@ class ProducerStats:
     them (after the activation), when the statistics are a model of a later stage
     (:mod:`lbyl.depthwise`); LBYL then measures its error there. ``input_covariance``: the
     covariance of the producer's input (M x M) propagated from the model (:mod:`lbyl.statistics`),
-    for a pointwise producer with a BatchNorm (or None).
+    for a pointwise producer with a BatchNorm (or None). ``activation_mean``: the channels' mean
+    as the consumers read them, where the model of a later stage gives it (a depthwise stage
+    with a scale mixture); the corrections then read it and the diagonal of ``activation_covariance``.
     """
 
     filters: torch.Tensor
@@ -57,6 +59,7 @@ class ProducerStats:
     activation_covariance: torch.Tensor | None = None
     moments: PreactivationMoments | None = None
     input_covariance: torch.Tensor | None = None
+    activation_mean: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:

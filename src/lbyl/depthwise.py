@@ -27,7 +27,7 @@ from dataclasses import replace
 import torch
 
 from . import activations
-from .activations import Activation, hermite_channel_covariance, standardise
+from .activations import Activation, hermite_channel_covariance, scale_mixture, standardise
 from .covariance import preactivation_covariance
 from .delivery import BatchNormStats, ProducerStats, bn_affine, scaled_filters
 
@@ -53,15 +53,21 @@ def spatial_correlation(activation_var: torch.Tensor, kernels: torch.Tensor, mea
     return min(1.0, max(0.0, float((slope * (1 - a)).sum()) / denominator))
 
 
+def window(kernels: torch.Tensor, rho: float) -> torch.Tensor:
+    """``(1 - rho) h_j . h_k + rho (sum h_j)(sum h_k)`` (N x N): what the depthwise filters make of
+    two channels' covariance when any two positions of a window have the correlation ``rho``."""
+    sums = kernels.sum(dim=1)
+    return (1 - rho) * (kernels @ kernels.T) + rho * torch.outer(sums, sums)
+
+
 def depthwise_covariance(activation_covariance: torch.Tensor, kernels: torch.Tensor, measured_var: torch.Tensor | None) -> torch.Tensor:
     """``Cov(d)`` of a depthwise conv's outputs from the covariance of its input channels.
 
     Any two positions of a window are given the correlation ``rho`` fitted to ``measured_var``
     (the running variances of the BatchNorm after the conv; None: 0, positions independent).
     """
-    sums = kernels.sum(dim=1)
     rho = spatial_correlation(activation_covariance.diagonal(), kernels, measured_var) if measured_var is not None else 0.0
-    return activation_covariance * ((1 - rho) * (kernels @ kernels.T) + rho * torch.outer(sums, sums))
+    return activation_covariance * window(kernels, rho)
 
 
 def factor(covariance: torch.Tensor) -> torch.Tensor:
@@ -79,6 +85,7 @@ def factor(covariance: torch.Tensor) -> torch.Tensor:
 def depthwise_chain_stats(
     producer: ProducerStats, activation: Activation, kernels: torch.Tensor, kernel_bias: torch.Tensor | None,
     bn: BatchNormStats | None, consumer_activation: Activation | None = None, input_model: str = "white",
+    spread: float = 0.0,
 ) -> ProducerStats:  # fmt: skip
     """Statistics of a depthwise stage's output channels, from the producer before it.
 
@@ -88,6 +95,10 @@ def depthwise_chain_stats(
     ``f2``, after BN2 (with BN2, the covariance of ``f2(z2)`` is added: the consumers read it);
     ``input_model``: the producer's input covariance behind z1's correlations (``"white"``,
     ``"bn"`` or ``"propagated"``, :func:`lbyl.covariance.preactivation_covariance`).
+    ``spread``: z1 is a Gaussian scale mixture, ``beta1 + s g`` with one scale ``s`` shared by
+    the channels and the window's positions (:func:`lbyl.activations.scale_mixture`; 0: Gaussian).
+    Given ``s`` the chain is the Gaussian model above; its moments are mixed over ``s``
+    (docs/method.md, section 5l).
     """
     w, b = scaled_filters(producer)
     if producer.bn is not None:  # BN1's running statistics fix z1's mean and variance
@@ -96,21 +107,41 @@ def depthwise_chain_stats(
         cov1 = standardise(correlated)[1] * torch.outer(std1, std1)
     else:
         mean1, cov1 = b, w @ w.T
-    cov_a = hermite_channel_covariance(activation, mean1, cov1)
+    squares, weights = scale_mixture(spread)
+    std1 = cov1.diagonal().clamp_min(0).sqrt()
+    # a = f1(z1) given each scale: means (S x N) and covariances
+    means = torch.stack([activations.mean(activation, mean1, std1 * s2.sqrt()) for s2 in squares])
+    covariances = [hermite_channel_covariance(activation, mean1, cov1 * s2) for s2 in squares]
+    conditional = sum(q * c for q, c in zip(weights, covariances))
+    average = weights @ means
+    shared = (means - average).T @ ((means - average) * weights[:, None])  # Cov_s(E[a | s])
     kernels = kernels.to(torch.float64)
     sums = kernels.sum(dim=1)
     measured = bn.var.to(torch.float64).clamp_min(0) if bn is not None else None
-    cov_d = depthwise_covariance(cov_a, kernels, measured)
+    rest = None if measured is None else (measured - shared.diagonal() * sums**2).clamp_min(0)
+    mixing = window(kernels, spatial_correlation(conditional.diagonal(), kernels, rest) if rest is not None else 0.0)
+    cov_d = conditional * mixing + shared * torch.outer(sums, sums)
     if bn is None:  # the model's own prediction of the depthwise outputs
-        expected = sums * activations.mean(activation, mean1, cov1.diagonal().clamp_min(0).sqrt())
-        bias = expected + (kernel_bias.to(torch.float64) if kernel_bias is not None else 0.0)
+        bias = sums * average + (kernel_bias.to(torch.float64) if kernel_bias is not None else 0.0)
         return ProducerStats(filters=factor(cov_d), bias=bias, bn=None)
-    std2 = measured.sqrt()
-    cov_d = standardise(cov_d)[1] * torch.outer(std2, std2)
+    # BN2 recorded Var d: every scale's deviations are rescaled to it
+    ratio = (measured / cov_d.diagonal().clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+    ratio = torch.where(cov_d.diagonal() > 0, ratio, 0.0)
+    cov_d = cov_d * torch.outer(ratio, ratio)
     stats = ProducerStats(filters=factor(cov_d), bias=bn.mean.to(torch.float64), bn=bn)
     if consumer_activation is None:
         return stats
-    # z2 ~ N(beta2, g2 Cov(d) g2): the consumers read f2(z2), whose covariance is as cheap as z2's
+    # z2 given the scale: mean beta2 + g2 (E[d | s] - E d), covariance g2 Cov(d | s) g2; the consumers read f2(z2)
     scale, offsets = bn_affine(stats)
-    covariance = cov_d * torch.outer(scale, scale)  # = w w^T of the scaled filters, without the N^3 product
-    return replace(stats, activation_covariance=hermite_channel_covariance(consumer_activation, offsets, covariance))
+    gain = scale * ratio
+    outputs, second = [], 0.0
+    for q, m, c in zip(weights, means, covariances):
+        mean2 = offsets + gain * sums * (m - average)
+        cov2 = torch.outer(gain, gain) * c * mixing
+        out_mean = activations.mean(consumer_activation, mean2, cov2.diagonal().clamp_min(0).sqrt())
+        second = second + q * (hermite_channel_covariance(consumer_activation, mean2, cov2) + torch.outer(out_mean, out_mean))
+        outputs.append(out_mean)
+    out_average = weights @ torch.stack(outputs)
+    covariance = second - torch.outer(out_average, out_average)
+    return replace(stats, activation_covariance=(covariance + covariance.T) / 2,
+                   activation_mean=out_average if spread else None)  # fmt: skip

@@ -195,10 +195,12 @@ def producer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = Fa
     )
 
 
-def layer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = False, input_model: str = "white") -> ProducerStats:
+def layer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = False, input_model: str = "white",
+                scale_spread: float = 0.0) -> ProducerStats:  # fmt: skip
     """The statistics a method solves with: the producer's, or, through a depthwise stage,
     those of the stage's output channels (:func:`lbyl.depthwise.depthwise_chain_stats`, with the
-    producer's input covariance from ``input_model``). ``moments``: see :func:`producer_stats`."""
+    producer's input covariance from ``input_model`` and the scale mixture of ``scale_spread``).
+    ``moments``: see :func:`producer_stats`."""
     stats = producer_stats(group, dropped_inputs, moments)
     if input_model == "propagated":
         stats = replace(stats, input_covariance=propagated_input_covariance(group, dropped_inputs))
@@ -211,7 +213,7 @@ def layer_stats(group: RestorableGroup, dropped_inputs=(), moments: bool = False
         stats, group.activation, kernels.reshape(kernels.shape[0], -1),
         bias.detach().to(torch.float64) if bias is not None else None,
         batchnorm_stats(stage.bn, group.channels, kernels.device) if stage.bn is not None else None,
-        stage.activation, input_model,
+        stage.activation, input_model, scale_spread,
     )  # fmt: skip
 
 
