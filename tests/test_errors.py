@@ -96,6 +96,10 @@ def unknown_input_model(tmp_path):
     lbyl.restore(small(), X, 0.5, lbyl.LBYL(input_model="pink"))
 
 
+def scale_spread_too_large(tmp_path):
+    lbyl.restore(small(), X, 0.5, lbyl.LBYL(scale_spread=2))
+
+
 def input_stats_zero_std(tmp_path):
     lbyl.restore(small(), X, 0.5, input_stats=(0.0, 0.0))
 
@@ -409,7 +413,8 @@ def cli_export_unknown_suffix(tmp_path):
 
 CASES = {f.__name__.replace("_", "-"): f for f in [
     example_input_type, example_input_shape, ratio_out_of_range, ratio_mapping_value, unknown_method,
-    unknown_criterion, negative_lambda, unknown_order, unknown_input_model, input_stats_zero_std, not_a_module, no_restorable_layer, nan_weights,
+    unknown_criterion, negative_lambda, unknown_order, unknown_input_model, scale_spread_too_large,
+    input_stats_zero_std, not_a_module, no_restorable_layer, nan_weights,
     unknown_layer, skipped_layer, unknown_layer_in_ratio_mapping, batchnorm_divides_by_zero, half_precision_overflow,
     unknown_model, inplace_not_bool, seed_not_int, layers_wrong_type, ratio_mapping_with_layers, ratio_and_kept,
     no_ratio, invalid_kept, kept_unequal_blocks, plan_with_other_choices, plan_for_another_model, method_class_not_object,

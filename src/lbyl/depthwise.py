@@ -29,7 +29,7 @@ import torch
 from . import activations
 from .activations import Activation, hermite_channel_covariance, scale_mixture, standardise
 from .covariance import preactivation_covariance
-from .delivery import BatchNormStats, ProducerStats, bn_affine, scaled_filters
+from .delivery import BatchNormStats, ProducerStats, scaled_filters
 
 
 def spatial_correlation(activation_var: torch.Tensor, kernels: torch.Tensor, measured_var: torch.Tensor) -> float:
@@ -109,38 +109,41 @@ def depthwise_chain_stats(
         mean1, cov1 = b, w @ w.T
     squares, weights = scale_mixture(spread)
     std1 = cov1.diagonal().clamp_min(0).sqrt()
-    # a = f1(z1) given each scale: means (S x N) and covariances
-    means = torch.stack([activations.mean(activation, mean1, std1 * s2.sqrt()) for s2 in squares])
-    covariances = [hermite_channel_covariance(activation, mean1, cov1 * s2) for s2 in squares]
-    conditional = sum(q * c for q, c in zip(weights, covariances))
+    # a = f1(z1) given each scale: means and variances (S x N) first, covariances one scale at a time
+    given = [activations.moments(activation, mean1, std1 * s2.sqrt()) for s2 in squares]
+    means, variances = torch.stack([m for m, _ in given]), torch.stack([v for _, v in given])
     average = weights @ means
     shared = (means - average).T @ ((means - average) * weights[:, None])  # Cov_s(E[a | s])
     kernels = kernels.to(torch.float64)
     sums = kernels.sum(dim=1)
     measured = bn.var.to(torch.float64).clamp_min(0) if bn is not None else None
+    conditional_var = weights @ variances
     rest = None if measured is None else (measured - shared.diagonal() * sums**2).clamp_min(0)
-    mixing = window(kernels, spatial_correlation(conditional.diagonal(), kernels, rest) if rest is not None else 0.0)
-    cov_d = conditional * mixing + shared * torch.outer(sums, sums)
+    mixing = window(kernels, spatial_correlation(conditional_var, kernels, rest) if rest is not None else 0.0)
+    predicted = conditional_var * mixing.diagonal() + shared.diagonal() * sums**2  # Var d
+    # BN2 recorded Var d: every scale's deviations are rescaled to it
+    ratio = torch.ones_like(predicted) if bn is None else torch.where(
+        predicted > 0, (measured / predicted.clamp_min(torch.finfo(torch.float64).tiny)).sqrt(), 0.0)
+    stage = bn is not None and consumer_activation is not None
+    if stage:  # z2 given the scale: mean beta2 + g (E[d | s] - E d), covariance g Cov(d | s) g; consumers read f2(z2)
+        offsets, gain = bn.beta.to(torch.float64), bn.gamma.to(torch.float64) / torch.sqrt(bn.var.to(torch.float64) + bn.eps) * ratio
+    conditional, second, outputs = 0.0, 0.0, []
+    for s2, q, m in zip(squares, weights, means):
+        cov_a = hermite_channel_covariance(activation, mean1, cov1 * s2)
+        conditional = conditional + q * cov_a
+        if stage:
+            mean2, cov2 = offsets + gain * sums * (m - average), torch.outer(gain, gain) * cov_a * mixing
+            out_mean = activations.mean(consumer_activation, mean2, cov2.diagonal().clamp_min(0).sqrt())
+            out_cov = hermite_channel_covariance(consumer_activation, mean2, cov2)
+            second = second + q * (out_cov + torch.outer(out_mean, out_mean))
+            outputs.append(out_mean)
+    cov_d = (conditional * mixing + shared * torch.outer(sums, sums)) * torch.outer(ratio, ratio)
     if bn is None:  # the model's own prediction of the depthwise outputs
         bias = sums * average + (kernel_bias.to(torch.float64) if kernel_bias is not None else 0.0)
         return ProducerStats(filters=factor(cov_d), bias=bias, bn=None)
-    # BN2 recorded Var d: every scale's deviations are rescaled to it
-    ratio = (measured / cov_d.diagonal().clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
-    ratio = torch.where(cov_d.diagonal() > 0, ratio, 0.0)
-    cov_d = cov_d * torch.outer(ratio, ratio)
     stats = ProducerStats(filters=factor(cov_d), bias=bn.mean.to(torch.float64), bn=bn)
-    if consumer_activation is None:
+    if not stage:
         return stats
-    # z2 given the scale: mean beta2 + g2 (E[d | s] - E d), covariance g2 Cov(d | s) g2; the consumers read f2(z2)
-    scale, offsets = bn_affine(stats)
-    gain = scale * ratio
-    outputs, second = [], 0.0
-    for q, m, c in zip(weights, means, covariances):
-        mean2 = offsets + gain * sums * (m - average)
-        cov2 = torch.outer(gain, gain) * c * mixing
-        out_mean = activations.mean(consumer_activation, mean2, cov2.diagonal().clamp_min(0).sqrt())
-        second = second + q * (hermite_channel_covariance(consumer_activation, mean2, cov2) + torch.outer(out_mean, out_mean))
-        outputs.append(out_mean)
     out_average = weights @ torch.stack(outputs)
     covariance = second - torch.outer(out_average, out_average)
     return replace(stats, activation_covariance=(covariance + covariance.T) / 2,
