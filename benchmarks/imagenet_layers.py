@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lbyl
 
-METHODS = {"prune": lambda: "prune", "lbyl": lbyl.LBYL, "lbyl-bn-input": lambda: lbyl.LBYL(input_model="bn")}
+METHODS = {"prune": lambda: "prune", "lbyl": lbyl.LBYL, "lbyl-gaussian": lambda: lbyl.LBYL(scale_spread=0.0)}
 COMMAND = "LBYL_ASSETS=../shared/assets PYTHONPATH=src python -m benchmarks.imagenet_layers --out docs/imagenet-layers.md"
 
 
@@ -78,6 +78,9 @@ def render(rows: Sequence[dict], unpruned: float, ratio: float, images: int, mac
     lines += [
         "",
         f"`lbyl` has a larger KL than `prune` in: {', '.join(f'`{w}`' for w in worse) or 'no layer'}.",
+        "",
+        "`lbyl` is the default; `lbyl-gaussian` the default with Gaussian features in the depthwise chains "
+        "(`scale_spread=0`, the default before 0.7.0; docs/method.md, section 5l).",
         "",
         f"- Command: `{COMMAND}` ({seconds / 60:.0f} min).",
         f"- Machine: {machine}.",

@@ -135,7 +135,7 @@ def test_layer_page_names_the_layers_where_lbyl_loses_to_prune():
 
     rows = [
         dict(layer="a", channels="16 -> 14", **{m: (0.01, 90.0) for m in METHODS}),
-        dict(layer="b", channels="96 -> 86", prune=(0.08, 89.0), lbyl=(0.17, 83.0), **{"lbyl-bn-input": (0.13, 85.0)}),
+        dict(layer="b", channels="96 -> 86", prune=(0.08, 89.0), lbyl=(0.17, 83.0), **{"lbyl-gaussian": (0.13, 85.0)}),
     ]
     page = render(rows, 90.0, 0.1, 200, "a machine", 60.0)
     assert "| `b` | 96 -> 86 | 0.0800 | 89.0 | 0.1700 | 83.0 | 0.1300 | 85.0 |" in page
