@@ -15,6 +15,10 @@ from lbyl.planning import layer_stats
 
 
 def test_the_scale_rule_keeps_the_variance_and_gives_the_kurtosis():
+    u, w = activations._gauss_hermite(activations.SCALE_MIXTURE_NODES)
+    for power, moment in ((0, 1), (2, 1), (4, 3), (8, 105), (16, 2027025)):  # exact up to degree 17
+        assert float((w * u**power).sum()) == pytest.approx(moment, rel=1e-9)
+    assert torch.equal(activations.scale_mixture(0.0)[0], torch.ones(1, dtype=torch.float64))
     for spread in (0.2, 0.5, 0.8):  # the 9-node rule: within 1 % up to 0.8
         squares, weights = activations.scale_mixture(spread)
         assert float(weights.sum()) == pytest.approx(1, abs=1e-12)

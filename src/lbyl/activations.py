@@ -485,7 +485,6 @@ def hermite_channel_covariance(activation, mean: torch.Tensor, covariance_matrix
     return result.diagonal_scatter(var)
 
 
-
 #: nodes of the Gauss-Hermite rule over the log of a scale mixture's shared scale
 SCALE_MIXTURE_NODES = 9
 
