@@ -146,5 +146,6 @@ def depthwise_chain_stats(
         return stats
     out_average = weights @ torch.stack(outputs)
     covariance = second - torch.outer(out_average, out_average)
+    # Gaussian (spread 0): the corrections read f2's moments at BN2's marginals, as they always have
     return replace(stats, activation_covariance=(covariance + covariance.T) / 2,
                    activation_mean=out_average if spread else None)  # fmt: skip
