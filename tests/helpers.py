@@ -15,6 +15,20 @@ def conv_bn_relu_conv(channels=6, out=5, activation=None, dtype=torch.float64, s
     return model.eval()
 
 
+def measure_batchnorms(model, batches):
+    """BatchNorm running statistics measured on ``batches`` (what training leaves behind): reset, then
+    a cumulative average over the batches in train mode; the model is returned in eval mode."""
+    for bn in model.modules():
+        if isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            bn.reset_running_stats()
+            bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    return model.eval()
+
+
 def set_bn(bn, gamma, beta, mean, var):
     with torch.no_grad():
         bn.weight.copy_(gamma)

@@ -17,7 +17,8 @@ from lbyl import activations as A
 from lbyl.correction import expected_relu
 from lbyl.graph import find_groups
 
-from test_sampled import calibrate, sample
+from helpers import measure_batchnorms
+from test_sampled import sample
 
 SAMPLES = 2_000_000
 Z_SCORE = 5.0
@@ -214,7 +215,7 @@ def net_with(activation: nn.Module, seed: int = 0, width: int = 24) -> tuple[nn.
     with torch.no_grad():
         net[1].weight.uniform_(0.5, 1.5)
         net[1].bias.uniform_(-0.5, 0.5)
-    calibrate(net, sample(seed + 1))
+    measure_batchnorms(net, [sample(seed + 1)])  # exact statistics: one pass
     return net, sample(seed + 2)
 
 

@@ -10,6 +10,7 @@ import lbyl
 from lbyl import activations
 from lbyl.delivery import BatchNormStats, ProducerStats
 from lbyl.depthwise import depthwise_chain_stats, spatial_correlation
+from helpers import measure_batchnorms
 
 
 class InvertedResidual(nn.Module):
@@ -48,19 +49,6 @@ def randomise_batchnorms(model, seed=0):
     return model.eval()
 
 
-def calibrate(model, inputs):
-    """BatchNorm running statistics measured on ``inputs`` (what training leaves behind)."""
-    for bn in model.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            bn.reset_running_stats()
-            bn.momentum = None  # a cumulative average over the batches
-    model.train()
-    with torch.no_grad():
-        for batch in inputs.split(64):
-            model(batch)
-    return model.eval()
-
-
 def copy_channel(model, source=2, copy=5):
     with torch.no_grad():
         for t in [model.expand.weight, model.dw.weight, model.bn1.weight, model.bn1.bias, model.bn1.running_mean,
@@ -92,7 +80,8 @@ def test_the_chain_is_one_group_through_the_depthwise_conv():
 @pytest.mark.parametrize("method", ["lbyl", "nm", "lbyl-paper", "nm-paper"])
 def test_a_channel_copied_at_every_stage_is_restored_exactly(method):
     torch.manual_seed(0)
-    model = calibrate(InvertedResidual(), torch.randn(256, 3, 12, 12, generator=torch.Generator().manual_seed(2)))
+    data = torch.randn(256, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    model = measure_batchnorms(InvertedResidual(), data.split(64))
     copy_channel(model)
     kept = [c for c in range(24) if c != 5]
     restored, report = lbyl.restore(model, X, kept={"expand": kept}, method=method)
@@ -132,7 +121,7 @@ def test_restoration_beats_pruning_on_a_calibrated_block(act):
     torch.manual_seed(0)
     model = InvertedResidual(channels=8, hidden=32, act=act)
     data = torch.randn(512, 3, 12, 12, generator=torch.Generator().manual_seed(2))
-    calibrate(model, data)
+    measure_batchnorms(model, data.split(64))
     test = data[:128]
     with torch.no_grad():
         reference = model(test)

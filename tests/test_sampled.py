@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import lbyl
+from helpers import measure_batchnorms
 
 
 def calibrated_net(seed: int = 0, width: int = 24) -> tuple[nn.Module, torch.Tensor]:
@@ -23,24 +24,12 @@ def calibrated_net(seed: int = 0, width: int = 24) -> tuple[nn.Module, torch.Ten
     with torch.no_grad():
         net[1].weight.uniform_(0.5, 1.5)
         net[1].bias.uniform_(-0.5, 0.5)
-    calibrate(net, sample(seed + 1))
+    measure_batchnorms(net, [sample(seed + 1)])  # exact statistics: one pass
     return net, sample(seed + 2)
 
 
 def sample(seed: int, n: int = 512) -> torch.Tensor:
     return torch.randn(n, 3, 12, 12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def calibrate(net: nn.Module, data: torch.Tensor) -> None:
-    """Exact BatchNorm statistics of ``data`` (cumulative average over one pass)."""
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(data)
-    net.eval()
 
 
 def consumer_stats(net: nn.Module, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

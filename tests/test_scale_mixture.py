@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lbyl
+from helpers import measure_batchnorms
 from lbyl import activations
 from lbyl.correction import expected_activation
 from lbyl.graph import find_groups
@@ -57,15 +58,7 @@ def calibrated_block(seed, spread):
         for bn in (model.bn1, model.bn2):
             bn.bias.copy_(torch.randn(bn.num_features) * 0.8)
             bn.weight.copy_(torch.rand(bn.num_features) + 0.5)
-    for bn in model.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            bn.reset_running_stats()
-            bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        for batch in scaled_images(2048, spread, seed + 1).split(256):
-            model(batch)
-    return model.eval()
+    return measure_batchnorms(model, scaled_images(2048, spread, seed + 1).split(256))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
