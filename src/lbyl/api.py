@@ -164,7 +164,7 @@ class _Clock:
 def _solve_and_apply(target, traced: Traced, pairs, method: Method, order: str, criterion: str, clock,
                      input_stats=None) -> list[LayerRecord]:  # fmt: skip
     """Per layer: read its statistics, let the method solve, fold the solution into the consumers."""
-    reader = _StatsReader([g for g, _ in pairs], order, method.needs_statistics, method.input_model, method.scale_spread)
+    reader = _StatsReader([g for g, _ in pairs], order, method)
     propagated = method.input_model == "propagated"
     sources = [g.input_source for g, _ in pairs if (g.bn is None and method.needs_statistics) or (g.bn is not None and propagated)]
     if sources:  # input moments, from the model before any edit
@@ -199,25 +199,27 @@ class _StatsReader:
     ``original``: every producer as it was before any consumer was edited; a producer is
     snapshotted just before the first edit that reaches it, so one copy is held at a time.
     ``sequential``: as edited so far, without the input channels already removed upstream.
+    The statistics are those ``method`` reads (its input model and scale mixture).
     """
 
-    def __init__(self, groups: list[RestorableGroup], order: str, moments: bool = True, input_model: str = "white",
-                 scale_spread: float = 0.0):  # fmt: skip
+    def __init__(self, groups: list[RestorableGroup], order: str, method: Method):
         self.unread = {g.producer: g for g in groups} if order == "original" else {}
-        self.order, self.snapshots, self.dropped, self.moments = order, {}, {}, moments
-        self.input_model, self.scale_spread = input_model, scale_spread
+        self.order, self.snapshots, self.dropped, self.method = order, {}, {}, method
+
+    def _stats(self, group, dropped=()):
+        method = self.method
+        return layer_stats(group, dropped, method.needs_statistics, method.input_model, method.scale_spread)
 
     def read(self, group):
         self.unread.pop(group.producer, None)
         dropped = sorted(self.dropped.get(group.producer, ()))
-        return self.snapshots.pop(group.name, None) or layer_stats(group, dropped, self.moments, self.input_model, self.scale_spread)
+        return self.snapshots.pop(group.name, None) or self._stats(group, dropped)
 
     def before_editing(self, group, pruned: torch.Tensor):
         for consumer in group.consumers:
             later = self.unread.pop(consumer.module, None)
             if later is not None:
-                self.snapshots[later.name] = layer_stats(later, moments=self.moments, input_model=self.input_model,
-                                                         scale_spread=self.scale_spread)
+                self.snapshots[later.name] = self._stats(later)
             if self.order == "sequential":  # the columns that go: a later producer no longer has them
                 columns = consumer.positions[pruned.cpu()].flatten().tolist()
                 self.dropped.setdefault(consumer.module, set()).update(columns)
