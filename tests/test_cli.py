@@ -228,7 +228,7 @@ def test_sweep_writes_csv_markdown_and_plot(capsys, tmp_path, weights_file):
         assert row["params"] == baseline["params"] and row["macs"] == baseline["macs"]
     for row in rows[3:]:
         assert row["params"] < baseline["params"] and row["restore_seconds"] > 0
-        assert row["weights"] == "demo-cnn-fashion-mnist.safetensors" and row["criterion"] == "l2"
+        assert row["weights"] == "demo-cnn-fashion-mnist.safetensors" and row["criterion"] == "auto"
     assert rows[3]["re"] > 0  # plain pruning leaves the whole removed signal as error
 
     markdown = (out / "results.md").read_text()

@@ -76,7 +76,7 @@ def test_plan_records_the_layers_their_consumers_and_the_skipped_ones():
     assert (second.name, second.channels, second.consumers, second.bn) == ("3", 6, ["6"], "4")
     assert first.pruned == [c for c in range(8) if c not in first.kept]
     assert [s.name for s in plan.skipped] == ["6"] and plan.restorable == ["0", "3"]
-    assert plan.criterion == "l2" and plan.seed == 0
+    assert plan.criterion == "auto" and plan.seed == 0
     # the L2 criterion on the raw filters
     norms = two_stage()[0].weight.reshape(8, -1).norm(dim=1)
     assert first.kept == sorted(norms.argsort(descending=True)[:4].tolist())
@@ -339,7 +339,7 @@ def test_report_settings_are_the_method_settings():
     _, report = lbyl.restore(model, X[:1], 0.5, method, criterion="l1", seed=3, order="sequential")
     assert report.settings == dict(method.settings(), criterion="l1", seed=3, order="sequential", ratio=0.5)
     _, report = lbyl.restore(model, X[:1], {"3": 0.5}, "nm-paper")
-    assert report.settings == dict(lbyl.paper.NeuronMerging().settings(), criterion="l2", seed=0,
+    assert report.settings == dict(lbyl.paper.NeuronMerging().settings(), criterion="auto", seed=0,
                                    order="original", ratio={"3": 0.5})  # fmt: skip
     assert "bias_correction" not in report.settings
 

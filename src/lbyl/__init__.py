@@ -12,7 +12,7 @@ from .methods import LBYL, METHODS, Method, NeuronMerging, Prune, Solution, as_m
 from .planning import Plan, PlannedLayer
 from .report import Report
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 __all__ = [
     "plan", "restore", "shrink", "Plan", "PlannedLayer", "Report",
     "Method", "LBYL", "NeuronMerging", "Prune", "paper", "Solution", "as_method", "METHODS",

@@ -5,7 +5,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -14,7 +14,7 @@ from . import grouped, sliced, squeeze, statistics
 from .correction import padded_conv_coverage
 from .counting import MacTally, count_ops_and_params, count_params, counting, eval_mode, recount
 from .budget import check_target, predicted_size, ratio_for_budget
-from .criteria import check_criterion, criterion_name
+from .criteria import AUTO, STATISTICAL_CRITERIA, check_criterion, criterion_name
 from .graph import RestorableGroup, SkippedLayer, build_dependency_graph, find_groups, release_trace
 from .methods import Method, as_method
 from .planning import Plan, PlannedLayer, layer_stats, match_plan, plan_layers
@@ -33,24 +33,30 @@ class Traced:
     macs: float
     tally: MacTally
     inputs: tuple
+    scores: dict = field(default_factory=dict)  # criterion least-loss: per layer, computed once
 
 
 def plan(
     model: nn.Module, example_inputs, ratio=None, *, kept=None, target_macs: float | None = None,
-    target_params: float | None = None, criterion="l2", layers=None, seed: int = 0,
+    target_params: float | None = None, criterion=AUTO, layers=None, seed: int = 0, input_stats=None,
 ) -> Plan:
     """A dry run: the layers :func:`restore` would prune, the channels each keeps and the predicted size.
 
     Choose the channels with one of: ``ratio``, the fraction removed per layer (float in
     [0, 1), or ``{layer: ratio}``); ``kept``, ``{layer name: [channel indices]}``; or a budget,
     ``target_macs`` / ``target_params``, the fraction of the model's MACs / parameters to keep
-    (the smallest uniform ratio over the chosen layers that meets it). ``criterion``: ``"l2"``,
-    ``"l1"``, ``"l2gm"``, ``"random"`` (seeded by ``seed``) or a callable
-    ``(filters: Tensor[N, M]) -> scores[N]``, higher kept. ``layers``: see :func:`restore`.
-    The model is not modified.
+    (the smallest uniform ratio over the chosen layers that meets it). ``criterion``: ``"auto"``
+    (``"least-loss"`` where LBYL solves after the activation without BatchNorm, a transformer
+    MLP; ``"l2"`` elsewhere: :func:`lbyl.planning.layer_criterion`), ``"l2"``, ``"l1"``,
+    ``"l2gm"``, ``"random"`` (seeded by ``seed``), ``"least-loss"`` (the channels whose removal
+    the restoration recovers best under the model's statistics,
+    :func:`lbyl.criteria.least_loss_scores`) or a callable ``(filters: Tensor[N, M]) -> scores[N]``,
+    higher kept. ``layers``, ``input_stats``: see :func:`restore`. The model is not modified.
     """
     check_model(model)
+    declared = check_input_stats(input_stats)
     traced = _trace(model, as_inputs(example_inputs))
+    _prepare_criterion(traced, criterion, declared)
     targets = {"macs": check_target("target_macs", target_macs), "params": check_target("target_params", target_params)}
     targets = {k: v for k, v in targets.items() if v is not None}
     if targets:
@@ -85,7 +91,7 @@ def restore(
     kept: Mapping[str, Sequence[int]] | None = None,
     target_macs: float | None = None,
     target_params: float | None = None,
-    criterion="l2",
+    criterion=AUTO,
     layers: str | Sequence[str] | None = None,
     seed: int = 0,
     order: str = "original",
@@ -119,14 +125,16 @@ def restore(
     if target_macs is not None or target_params is not None:
         with clock("graph"):  # the budget is planned on the caller's model (read only)
             ratio = plan(model, inputs, ratio, kept=kept, target_macs=target_macs, target_params=target_params,
-                         criterion=criterion, layers=layers, seed=seed)  # fmt: skip
-        kept, criterion, layers, seed = None, "l2", None, 0
+                         criterion=criterion, layers=layers, seed=seed, input_stats=input_stats)  # fmt: skip
+        kept, criterion, layers, seed = None, AUTO, None, 0
     with clock("copy"):
         target = model if inplace else copy.deepcopy(model)
     params_before = count_params(target)
     with eval_mode(target):
         with clock("graph"):
             traced = _trace(target, inputs)
+            if not isinstance(ratio, Plan):
+                _prepare_criterion(traced, criterion, declared)
             chosen = _given_plan(ratio, kept, criterion, layers, seed) or _make_plan(traced, ratio, kept, criterion, layers, seed)
             pairs = match_plan(traced.groups, chosen.layers)
         records = _solve_and_apply(target, traced, pairs, method, order, chosen.criterion, clock, declared)
@@ -232,7 +240,7 @@ def _record(layer: PlannedLayer, method: Method, criterion: str, solutions: list
     conditions = [s.condition for s in solutions if s.condition is not None]
     return LayerRecord(
         name=layer.name, channels_before=layer.channels, channels_after=len(layer.kept), method=method.name,
-        criterion=criterion, ratio=layer.removed_fraction,
+        criterion=layer.criterion or criterion, ratio=layer.removed_fraction,
         re=loss["re"], be=loss["be"], ae=loss["ae"], seconds=seconds, consumers=list(layer.consumers), bn=layer.bn,
         activation=layer.activation, kept=list(layer.kept), lambda2=max(s.lambda2 for s in solutions),
         solve=solutions[0].space, condition=max(conditions) if conditions else None,
@@ -284,17 +292,23 @@ def _make_plan(traced: Traced, ratio, kept, criterion, layers, seed) -> Plan:
             "no restorable layer found (a Conv/Linear -> optional BatchNorm -> ReLU -> Conv/Linear chain "
             f"whose channels are not tied to a residual add). Skipped: {reasons}"
         )
-    planned = plan_layers(traced.groups, traced.skipped, ratio, kept, criterion, layers, seed)
+    planned = plan_layers(traced.groups, traced.skipped, ratio, kept, criterion, layers, seed, traced.scores)
     skipped = [SkippedRecord(s.name, s.reason) for s in traced.skipped]
     return Plan(planned, skipped, [g.name for g in traced.groups], criterion_name(criterion), seed,
                 macs_before=int(traced.macs))  # fmt: skip
+
+
+def _prepare_criterion(traced: Traced, criterion, input_stats) -> None:
+    """A criterion that reads the statistics needs the input moments, from the model before any edit."""
+    if isinstance(criterion, str) and criterion in (AUTO, *STATISTICAL_CRITERIA):
+        statistics.prepare([g.input_source for g in traced.groups], input_stats, tuple(traced.inputs[0].shape[1:]))
 
 
 def _given_plan(ratio, kept, criterion, layers, seed) -> Plan | None:
     if not isinstance(ratio, Plan):
         return None
     extra = [name for name, value, default in (("kept", kept, None), ("layers", layers, None),
-             ("criterion", criterion, "l2"), ("seed", seed, 0)) if value != default]  # fmt: skip
+             ("criterion", criterion, AUTO), ("seed", seed, 0)) if value != default]  # fmt: skip
     if extra:
         raise ValueError(f"a Plan already fixes the channels of every layer; drop {'= / '.join(extra)}= "
                          "(or make the plan with them: lbyl.plan(model, inputs, ...))")  # fmt: skip

@@ -26,10 +26,15 @@ methods (how the information of removed channels is handed to the kept ones):
               only for reproducing published tables
 
 criteria (which channels of a layer are kept):
-  l2          keep the filters with the largest L2 norm (default)
+  auto        least-loss for the hidden layers of transformer MLPs (layers
+              without BatchNorm whose kept neurons span their input), l2
+              elsewhere (default)
+  l2          keep the filters with the largest L2 norm
   l1          keep the filters with the largest L1 norm
   l2gm        keep the filters farthest from the others (geometric median)
   random      keep a random subset (seeded by --seed)
+  least-loss  keep the channels that LBYL rebuilds the others from best,
+              under the model's own statistics (greedy, no data)
 
 ratio: the fraction of output channels removed from every restorable layer;
   0.5 removes half of the channels (a layer with n channels keeps
@@ -262,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--plan", metavar="FILE", help="a plan written by 'lbyl plan --out FILE' (possibly edited)")
     _add_budget_args(which)
     p.add_argument("--method", choices=METHODS, default="lbyl", metavar="M", help=f"one of {', '.join(METHODS)} (default lbyl)")
-    p.add_argument("--criterion", choices=CRITERIA, default="l2", metavar="C", help=f"one of {', '.join(CRITERIA)} (default l2)")
+    p.add_argument("--criterion", choices=CRITERIA, default="auto", metavar="C", help=f"one of {', '.join(CRITERIA)} (default auto)")
     _add_restore_args(p)
     p.add_argument("--input-stats", type=_input_stats, metavar="MEAN,STD",
                    help="mean and standard deviation of the model's input after your preprocessing, for the "
@@ -286,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--ratio", type=_ratio, metavar="R", help="fraction of channels removed per layer, in [0, 1)")
     _add_budget_args(which)
-    p.add_argument("--criterion", choices=CRITERIA, default="l2", metavar="C", help=f"one of {', '.join(CRITERIA)} (default l2)")
+    p.add_argument("--criterion", choices=CRITERIA, default="auto", metavar="C", help=f"one of {', '.join(CRITERIA)} (default auto)")
     p.add_argument("--layers", nargs="+", metavar="PATTERN", help="as for 'lbyl restore'")
     p.add_argument("--seed", type=int, default=0, help="seed for --criterion random (default 0)")
     p.add_argument("--out", metavar="FILE", help="write the plan as JSON to FILE")
@@ -338,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated fractions of channels removed (default 0.1,0.3,0.5,0.7)")  # fmt: skip
     p.add_argument("--methods", type=_choice_list(METHODS), default=["prune", "nm", "lbyl"], metavar="M,M,...",
                    help=f"comma-separated methods from {', '.join(METHODS)} (default prune,nm,lbyl)")  # fmt: skip
-    p.add_argument("--criteria", type=_choice_list(CRITERIA), default=["l2"], metavar="C,C,...",
-                   help=f"comma-separated criteria from {', '.join(CRITERIA)} (default l2)")  # fmt: skip
+    p.add_argument("--criteria", type=_choice_list(CRITERIA), default=["auto"], metavar="C,C,...",
+                   help=f"comma-separated criteria from {', '.join(CRITERIA)} (default auto)")  # fmt: skip
     _add_restore_args(p)
     p.add_argument("--out", default="sweep-output", metavar="DIR", help="output folder (default sweep-output)")
     p.set_defaults(func=commands.cmd_sweep)

@@ -189,3 +189,27 @@ def channel_covariance(
     if space == "after-relu":
         return relu_covariance(stats.bn.beta.to(torch.float64), covariance)
     return covariance
+
+
+def read_covariance(stats: ProducerStats, input_model: str, activation) -> torch.Tensor:
+    """Covariance of the channels as the consumers read them, after the activation (N x N).
+
+    A depthwise chain's statistics carry it; otherwise the pre-activations are Gaussian with the
+    input model's covariance (a BatchNorm fixes their variances to ``gamma^2`` and their means to
+    ``beta``; without one, the data-free moments, or white inputs and the bias) and the
+    activation's covariance follows by Mehler's expansion.
+    """
+    if stats.activation_covariance is not None:
+        return stats.activation_covariance.to(torch.float64)
+    covariance = preactivation_covariance(stats, input_model)
+    if stats.bn is not None:
+        gamma = stats.bn.gamma.to(torch.float64).abs()
+        covariance = standardise(covariance)[1] * torch.outer(gamma, gamma)
+        mean = stats.bn.beta.to(torch.float64)
+    elif stats.moments is not None:
+        mean = stats.moments.mean.to(torch.float64)
+    else:
+        mean = stats.bias.to(torch.float64) if stats.bias is not None else torch.zeros_like(covariance[0])
+    if as_activation(activation).name == "identity":
+        return covariance
+    return hermite_channel_covariance(activation, mean, covariance)

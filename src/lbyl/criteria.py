@@ -1,6 +1,7 @@
 """Pruning criteria: which output channels of a layer to keep.
 
-All functions are pure: they read a filter matrix and return indices.
+All functions are pure: they read a filter matrix (or, for ``least-loss``, the
+statistics :mod:`lbyl.planning` computes for the layer) and return scores or indices.
 """
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from fractions import Fraction
 
 import torch
 
-CRITERIA = ("l2", "l1", "l2gm", "random")
+AUTO = "auto"  # least-loss where LBYL solves after the activation without BatchNorm, else l2 (lbyl.planning)
+CRITERIA = (AUTO, "l2", "l1", "l2gm", "random", "least-loss")
+STATISTICAL_CRITERIA = ("least-loss",)  # read the layer's statistics and consumers, not only its filters
 
 
 def keep_count(channels: int, ratio: float) -> int:
@@ -35,6 +38,8 @@ def channel_scores(filters: torch.Tensor, criterion, seed: int = 0) -> torch.Ten
     - ``l2gm``: summed Euclidean distance to the other filters (a filter far
       from the geometric median is hard to replace).
     - ``random``: a seeded random permutation.
+
+    ``least-loss`` reads more than the filters: see :func:`least_loss_scores`.
     """
     filters = filters.reshape(filters.shape[0], -1).to(torch.float64)
     if callable(criterion):
@@ -45,10 +50,54 @@ def channel_scores(filters: torch.Tensor, criterion, seed: int = 0) -> torch.Ten
         return filters.abs().sum(dim=1)
     if criterion == "l2gm":
         return torch.cdist(filters, filters).sum(dim=1)
+    if criterion == AUTO or criterion in STATISTICAL_CRITERIA:
+        raise ValueError(f"criterion {criterion!r} reads the layer's statistics: use lbyl.plan or lbyl.restore")
     if criterion == "random":
         generator = torch.Generator().manual_seed(int(seed))
         return torch.rand(filters.shape[0], generator=generator, dtype=torch.float64)
     raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+
+
+def least_loss_scores(covariance: torch.Tensor, consumer_gram: torch.Tensor, ridge: float = 1e-9,
+                      removed: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Rank channels by the loss left when the removed ones are rebuilt from the kept ones.
+
+    The consumers read channels ``x`` (covariance ``Sigma``, N x N) through weights ``V``
+    (``consumer_gram`` is ``V^T V``). Removing a set and rebuilding it from the kept set ``K``
+    by least squares (LBYL's delivery in the space of ``x``) leaves the loss
+    ``tr(V Sigma V^T) - tr(Q H)``, ``Q = Sigma_KK^-1``, ``H = (Sigma V^T V Sigma)_KK``.
+    Greedy backward elimination: from all channels, remove the one whose removal raises the
+    loss least, ``(Q H Q)_jj / Q_jj``, and repeat; ``Q`` and ``Q H Q`` follow by low-rank
+    updates. Wide layers remove ``N // 256`` channels per step (the cheapest ones, by
+    Woodbury), so the cost stays near ``N^3``. The score is the step at which a channel goes
+    (the last ones left score highest): kept sets are nested. ``removed``: stop after that many
+    (the rest share the top score). ``ridge`` (relative to the mean variance) keeps a singular
+    ``Sigma`` invertible.
+    """
+    sigma = covariance.to(torch.float64)
+    n = sigma.shape[0]
+    removed = n if removed is None else min(int(removed), n)
+    chunk = max(1, n // 256)
+    scale = float(sigma.diagonal().mean().clamp_min(1e-300))
+    q = torch.linalg.inv(sigma + ridge * scale * torch.eye(n, dtype=sigma.dtype, device=sigma.device))
+    r = q @ (sigma @ consumer_gram.to(sigma) @ sigma) @ q
+    alive = torch.arange(n, device=sigma.device)  # original index of each row of q and r
+    scores = torch.full((n,), float(n), dtype=torch.float64)
+    step = 0
+    while step < removed:
+        rise = r.diagonal() / q.diagonal()
+        order = torch.argsort(rise, stable=True)
+        gone, stay = order[:min(chunk, removed - step)], order[min(chunk, removed - step):].sort().values
+        scores[alive[gone].cpu()] = torch.arange(step, step + len(gone), dtype=torch.float64)
+        step += len(gone)
+        # Woodbury: Q~ = Q - U C^-1 U^T (U = Q[:, gone], C = Q[gone, gone]) and R~ = Q~ H Q~ from R = Q H Q
+        inverse = torch.linalg.inv(q[gone][:, gone])
+        u, rg = q[stay][:, gone], r[stay][:, gone]
+        uc = u @ inverse
+        r = r[stay][:, stay] - rg @ inverse @ u.T - uc @ rg.T + uc @ r[gone][:, gone] @ uc.T
+        q = q[stay][:, stay] - uc @ u.T
+        alive = alive[stay]
+    return scores
 
 
 def select_channels(

@@ -16,10 +16,12 @@ import torch
 import torch.nn as nn
 
 from . import grouped
-from .criteria import keep_count, select_channels
+from .covariance import read_covariance
+from .criteria import AUTO, STATISTICAL_CRITERIA, criterion_name, keep_count, least_loss_scores, select_channels
 from .delivery import BatchNormStats, ProducerStats
 from .depthwise import depthwise_chain_stats
 from .graph import RestorableGroup, SkippedLayer
+from .methods import LBYL
 from .report import SkippedRecord, format_table, percent
 from .statistics import producer_moments, propagated_input_covariance, reads_layernorm
 
@@ -38,6 +40,7 @@ class PlannedLayer:
     activation: str = "identity"  # the name of the group's activation ("relu", "hardtanh", "silu"...)
     ratio: float | None = None  # None: the channels were chosen explicitly
     stage: str | None = None  # a depthwise conv between producer and consumers, pruned alike
+    criterion: str | None = None  # what ranked its channels (None: chosen explicitly)
 
     @property
     def removed_fraction(self) -> float:
@@ -64,7 +67,7 @@ class Plan:
     layers: list[PlannedLayer]
     skipped: list[SkippedRecord] = field(default_factory=list)
     restorable: list[str] = field(default_factory=list)
-    criterion: str = "l2"
+    criterion: str = AUTO
     seed: int = 0
     params_before: int | None = None
     params_after: int | None = None
@@ -266,8 +269,10 @@ def select_groups(groups, skipped: list[SkippedLayer], layers) -> list[Restorabl
     return [g for g in groups if g in chosen]
 
 
-def plan_layers(groups, skipped, ratio=None, kept=None, criterion="l2", layers=None, seed=0) -> list[PlannedLayer]:
-    """The planned layers, in module order, from a ratio (float or mapping) or explicit ``kept`` channels."""
+def plan_layers(groups, skipped, ratio=None, kept=None, criterion=AUTO, layers=None, seed=0,
+                scores: dict | None = None) -> list[PlannedLayer]:  # fmt: skip
+    """The planned layers, in module order, from a ratio (float or mapping) or explicit ``kept`` channels.
+    ``scores``: a cache of the ``least-loss`` scores per layer name (filled here)."""
     if kept is not None:
         by_name = {g.name: g for g in groups}
         for name in kept:
@@ -283,12 +288,33 @@ def plan_layers(groups, skipped, ratio=None, kept=None, criterion="l2", layers=N
     else:
         chosen = select_groups(groups, skipped, layers)
         ratios = {g.name: ratio for g in chosen}
-    planned = []
+    planned, cache = [], {} if scores is None else scores
     for group in chosen:
-        filters = ranking_filters(producer_stats(group))
-        planned.append(_planned(group, _select(filters, ratios[group.name], criterion, seed, group.blocks),
-                                float(ratios[group.name])))  # fmt: skip
+        ratio_here = float(ratios[group.name])
+        chosen_criterion = layer_criterion(group, ratio_here, criterion)
+        filters, rank = ranking_filters(producer_stats(group)), chosen_criterion
+        if isinstance(chosen_criterion, str) and chosen_criterion in STATISTICAL_CRITERIA:
+            removed = group.channels - keep_count(group.channels, ratio_here)
+            if (group.name, removed) not in cache:
+                cache[group.name, removed] = least_loss_channel_scores(group, removed)
+            filters, rank = cache[group.name, removed][:, None], "l1"  # one non-negative column: l1 is the score
+        layer = _planned(group, _select(filters, ratio_here, rank, seed, group.blocks), ratio_here)
+        layer.criterion = criterion_name(chosen_criterion)
+        planned.append(layer)
     return planned
+
+
+def layer_criterion(group: RestorableGroup, ratio: float, criterion):
+    """The criterion a layer is ranked by. ``auto``: ``least-loss`` where LBYL solves after the
+    activation with the data-free statistics of a layer without BatchNorm (its kept neurons
+    span its input: a transformer MLP, method.md 5g), so that the criterion ranks by the loss
+    LBYL then minimises; ``l2`` (the paper's) everywhere else."""
+    if criterion != AUTO:
+        return criterion
+    solved_after = (group.bn is None and group.stage is None and group.input_source is not None
+                    and group.consumer_activation.name != "identity")  # fmt: skip
+    spans = keep_count(group.channels, ratio) >= group.producer.weight[0].numel()
+    return "least-loss" if solved_after and spans else "l2"
 
 
 def _select(filters: torch.Tensor, ratio: float, criterion, seed: int, blocks: torch.Tensor | None) -> list[int]:
@@ -299,6 +325,50 @@ def _select(filters: torch.Tensor, ratio: float, criterion, seed: int, blocks: t
     for block in grouped.members(blocks):
         kept += block[select_channels(filters[block], ratio, criterion, seed)[0]].tolist()
     return sorted(kept)
+
+
+def least_loss_channel_scores(group: RestorableGroup, removed: int | None = None) -> torch.Tensor:
+    """Criterion ``least-loss``: :func:`lbyl.criteria.least_loss_scores` with the covariance of the
+    channels as the consumers read them (lbyl's default statistics model, :func:`layer_stats`) and
+    the consumers' weights; within each block of a grouped conv. Scores are non-negative.
+    ``removed``: how many channels go (per layer; the ranking stops there)."""
+    defaults = LBYL()
+    stats = layer_stats(group, (), True, defaults.input_model, defaults.scale_spread)
+    covariance = read_covariance(stats, defaults.input_model, group.consumer_activation)
+    gram = consumer_gram(group, covariance.device)
+    if group.blocks is None:
+        return least_loss_scores(covariance, gram, removed=removed)
+    scores = torch.empty(group.channels, dtype=torch.float64)
+    blocks = grouped.members(group.blocks)
+    per_block = None if removed is None else -(-removed // len(blocks))
+    for block in blocks:
+        scores[block] = least_loss_scores(covariance[block][:, block], gram[block][:, block], removed=per_block)
+    return scores
+
+
+def consumer_gram(group: RestorableGroup, device=None) -> torch.Tensor:
+    """``V^T V`` (N x N) over every consumer of the group: ``V`` holds, per channel, the weights
+    through which the consumers read it (every output row, slot and kernel tap). A consumer
+    followed by its own BatchNorm is read after it (rows scaled by ``|gamma| / std``)."""
+    n = group.channels
+    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+    for consumer in group.consumers:
+        module = consumer.module
+        weight = module.weight.detach().to(torch.float64)
+        weight = weight.reshape(weight.shape[0], weight.shape[1], -1)
+        bn = consumer.next_bn
+        if bn is not None and getattr(bn, "running_var", None) is not None:
+            gamma = bn.weight.detach().to(torch.float64).abs() if bn.weight is not None else 1.0
+            weight = weight * (gamma / (bn.running_var.detach().to(torch.float64) + bn.eps).sqrt())[:, None, None]
+        for rows, channels, positions in grouped.consumer_parts(module, consumer.positions):
+            v = weight[rows][:, positions.to(weight.device)]  # (outputs, channels, slots, taps)
+            part = torch.einsum("ocst,odst->cd", v, v).to(gram.device)
+            if channels is None:
+                gram += part
+            else:
+                index = channels.to(gram.device)
+                gram[index[:, None], index[None, :]] += part
+    return gram
 
 
 def _planned(group: RestorableGroup, kept: list[int], ratio: float | None) -> PlannedLayer:

@@ -68,7 +68,7 @@ def run_sweep(
     labels: torch.Tensor,
     ratios: Sequence[float],
     methods: Sequence = ("prune", "nm", "lbyl"),
-    criteria: Sequence[str] = ("l2",),
+    criteria: Sequence[str] = ("auto",),
     *,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
