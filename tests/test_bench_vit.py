@@ -65,8 +65,9 @@ def test_tracked_rows_are_complete_and_honest():
 # --- the row logic on made-up rows -------------------------------------------------------------
 
 
-def fake_row(method, ratio, accuracy=None, error="", images=10000, digest="d" * 64, finished="2026-01-01 00:00:00"):
-    run = Run(method, ratio)
+def fake_row(method, ratio, accuracy=None, error="", images=10000, digest="d" * 64, finished="2026-01-01 00:00:00",
+             criterion="l2"):
+    run = Run(method, ratio, criterion)
     row = dict.fromkeys(vit_mlp.COLUMNS, "")
     row.update(
         key=run.key(digest, images), model=vit_mlp.MODEL, weights=vit_mlp.WEIGHTS, weights_sha256=digest,
@@ -74,6 +75,7 @@ def fake_row(method, ratio, accuracy=None, error="", images=10000, digest="d" * 
         accuracy="" if error else f"{accuracy:.2f}", hidden_before="1024", mlp_layers="4", finished=finished,
         hidden_after=str(round(1024 * (1 - ratio))), layers_restored="0" if method == UNPRUNED else "4",
         params="100", macs="1000", machine="test machine", commit="abc1234",
+        criterion="-" if method == UNPRUNED else criterion,
     )  # fmt: skip
     return row
 
@@ -84,7 +86,8 @@ def test_keys_hold_every_setting_that_changes_a_result():
         Run("nm", 0.5).key("a" * 64, 10000), Run("lbyl", 0.5).key("b" * 64, 10000),
         Run("lbyl", 0.5).key("a" * 64, 1000), Run(UNPRUNED).key("a" * 64, 10000),
     }  # fmt: skip
-    assert len(keys) == 6
+    keys.add(Run("lbyl", 0.5, "auto").key("a" * 64, 10000))
+    assert len(keys) == 7
     key = Run("lbyl", 0.5).key("a" * 64, 10000)
     import lbyl
 
@@ -102,7 +105,7 @@ def test_results_are_kept_and_errors_retried():
         fake_row("nm", 0.5, 85.0),  # the error of this run was retried and now has a result
         fake_row("lbyl", 0.5, 88.0, digest="e" * 64),  # another checkpoint
     ]
-    plan = vit_mlp.build_plan(ratios=[0.5])
+    plan = vit_mlp.build_plan(ratios=[0.5], criteria=["l2"])
     todo = vit_mlp.pending(plan, rows, digest, 10000)
     assert [(r.method, r.ratio) for r in todo] == [("prune", 0.5), ("lbyl", 0.5)]
     assert vit_mlp.pending(plan, rows, digest, 500) == plan  # another image count is another run
@@ -110,28 +113,34 @@ def test_results_are_kept_and_errors_retried():
 
 
 def test_report_and_targets_from_made_up_rows():
-    # unpruned 90; lbyl wins from 20 %, loses half of prune's loss at 50 % but not at 70 %
-    table = {0.1: (89.0, 89.5, 89.6), 0.2: (88.0, 88.5, 89.0), 0.5: (80.0, 84.0, 86.0), 0.7: (60.0, 65.0, 70.0)}
+    # unpruned 90; with either criterion lbyl wins from 20 %; the default (auto) loses at most half of
+    # what plain pruning (prune, l2) loses at 50 and 70 %, but not half of prune on its own channels
+    l2 = {0.1: (89.0, 89.5, 89.6), 0.2: (88.0, 88.5, 89.0), 0.5: (80.0, 84.0, 86.0), 0.7: (60.0, 65.0, 70.0)}
+    auto = {0.2: (88.5, 88.7, 89.2), 0.5: (84.0, 85.0, 86.5), 0.7: (72.0, 73.0, 76.0)}
     rows = [fake_row(UNPRUNED, 0.0, 90.0)]
-    for ratio, accuracies in table.items():
-        rows += [fake_row(m, ratio, a) for m, a in zip(vit_mlp.METHODS, accuracies)]
-    status = {target: s for target, s, _ in vit_mlp.targets(rows)}
-    assert list(status.values()) == ["met", "met", "not met"]
+    for criterion, table in (("l2", l2), ("auto", auto)):
+        for ratio, accuracies in table.items():
+            rows += [fake_row(m, ratio, a, criterion=criterion) for m, a in zip(vit_mlp.METHODS, accuracies)]
+    found = vit_mlp.targets(rows)
+    assert [s for _, s, _ in found] == ["met", "met", "met", "met", "met", "not met", "not met", "not met"]
+    assert "plain pruning (`prune`, `l2`)" in found[3][0] and "loses 14.00 points, `prune` 30.00" == found[3][2]
     doc = vit_mlp.render(rows)
     assert "| 50 % | 512 / 1024 | 100 | 80.00 | 84.00 | 86.00 |" in doc
+    assert "| 50 % | 512 / 1024 | 100 | 84.00 | 85.00 | 86.50 |" in doc
+    assert doc.index("### Neurons chosen by `l2`") < doc.index("### Neurons chosen by `auto` (the default)")
     assert "img/vit-mlp.png" in doc and "test machine" in doc
 
     # lbyl below nm at 20 %: the first target fails; a missing run is "not measured", never met
     rows[5] = fake_row("nm", 0.2, 89.5)
     assert [s for _, s, _ in vit_mlp.targets(rows)][0] == "not met"
-    partial = [r for r in rows if not (r["method"] == "lbyl" and r["ratio"] == "0.7")]
-    assert [s for _, s, _ in vit_mlp.targets(partial)][2] == "not measured"
+    partial = [r for r in rows if not (r["method"] == "lbyl" and r["ratio"] == "0.7" and r["criterion"] == "auto")]
+    assert [s for _, s, _ in vit_mlp.targets(partial)][3] == "not measured"
 
     # only errors: no plot, every target not measured, the error shown with its count
     errors = [fake_row(UNPRUNED, 0.0, 90.0)] + [fake_row(m, 0.5, error="ValueError: nothing") for m in vit_mlp.METHODS]
     doc = vit_mlp.render(errors)
     assert "img/vit-mlp.png" not in doc and "- 3 runs, lbyl commit abc1234: `ValueError: nothing`" in doc
-    assert [s for _, s, _ in vit_mlp.targets(errors)] == ["not measured"] * 3
+    assert [s for _, s, _ in vit_mlp.targets(errors)] == ["not measured"] * 5
 
 
 def test_report_shows_the_most_recent_checkpoint_only():
@@ -173,7 +182,7 @@ def test_smoke_run_resumes(tmp_path, capsys):
     fashion_mnist_test()
     csv_path, doc = tmp_path / "results.csv", tmp_path / "docs" / "transformers.md"
     doc.parent.mkdir()
-    args = ["--csv", str(csv_path), "--methods", "prune", "--ratios", "0.5", "--limit", "200"]
+    args = ["--csv", str(csv_path), "--methods", "prune", "--ratios", "0.5", "--criteria", "l2", "--limit", "200"]
     assert vit_mlp.main(args) == 0
     first = vit_mlp.read_rows(csv_path)
     assert [r["method"] for r in first] == [UNPRUNED, "prune"]
@@ -204,3 +213,18 @@ def test_plot_of_made_up_results(tmp_path):
     assert doc.read_text() == vit_mlp.render(rows)
     only_errors = [rows[0], fake_row("lbyl", 0.5, error="ValueError: nothing")]
     assert vit_mlp.plot(only_errors, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+@needs_torchvision
+def test_the_default_criterion_is_least_loss_in_every_block_at_the_measured_ratios():
+    from lbyl.graph import find_groups
+    from lbyl.models.registry import build_model, example_input
+    from lbyl.planning import layer_criterion, select_groups
+
+    model = build_model(vit_mlp.MODEL).eval()
+    groups, skipped = find_groups(model, example_input(vit_mlp.MODEL))
+    fc1 = select_groups(groups, skipped, list(vit_mlp.MLP_LAYERS))
+    assert len(fc1) == 4
+    for ratio in vit_mlp.RATIOS:
+        assert {layer_criterion(g, ratio, "auto") for g in fc1} == {"least-loss"}, ratio
+    assert {layer_criterion(g, 0.8, "auto") for g in fc1} == {"l2"}  # 51 kept neurons cannot span 64 features
