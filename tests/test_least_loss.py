@@ -51,12 +51,21 @@ def test_greedy_beats_the_l2_choice_and_stops_where_asked():
     assert _loss(sigma, gram, kept_greedy) <= _loss(sigma, gram, kept_by_variance)
 
 
-def test_wide_layers_drop_duplicates_first():
-    """Above 256 channels several go per step; the copies of kept channels still go first."""
-    sigma, gram = _problem(300, 1, rank=400)
+def test_blocks_of_eliminations_are_the_same_greedy_steps(monkeypatch):
+    """Updates applied once per block of steps give the order of one update per step."""
+    import lbyl.criteria as criteria
+
+    sigma, gram = _problem(150, 2)
+    monkeypatch.setattr(criteria, "BLOCK", 1)
+    one_by_one = least_loss_scores(sigma, gram, removed=140)
+    monkeypatch.setattr(criteria, "BLOCK", 16)
+    assert torch.equal(least_loss_scores(sigma, gram, removed=140), one_by_one)
+
+
+def test_copies_go_first_one_of_each_pair():
+    sigma, gram = _problem(250, 1, rank=400)
     index = torch.cat([torch.arange(250), torch.arange(50)])  # channel 250 + i copies channel i
-    sigma, gram = sigma[index][:, index], gram[index][:, index]
-    order = torch.argsort(least_loss_scores(sigma, gram))
+    order = torch.argsort(least_loss_scores(sigma[index][:, index], gram[index][:, index]))
     first = set(order[:50].tolist())
     assert all((c in first) != (c + 250 in first) for c in range(50))  # one of each pair, never both
 

@@ -332,6 +332,8 @@ def least_loss_channel_scores(group: RestorableGroup, removed: int | None = None
     channels as the consumers read them (lbyl's default statistics model, :func:`layer_stats`) and
     the consumers' weights; within each block of a grouped conv. Scores are non-negative.
     ``removed``: how many channels go (per layer; the ranking stops there)."""
+    if removed == 0:  # nothing goes: nothing to rank
+        return torch.zeros(group.channels, dtype=torch.float64)
     defaults = LBYL()
     stats = layer_stats(group, (), True, defaults.input_model, defaults.scale_spread)
     covariance = read_covariance(stats, defaults.input_model, group.consumer_activation)
