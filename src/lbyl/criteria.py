@@ -68,8 +68,8 @@ def least_loss_scores(covariance: torch.Tensor, consumer_gram: torch.Tensor, rid
     ``tr(V Sigma V^T) - tr(Q H)``, ``Q = Sigma_KK^-1``, ``H = (Sigma V^T V Sigma)_KK``.
     Greedy backward elimination: from all channels, remove the one whose removal raises the
     loss least, ``(Q H Q)_jj / Q_jj``, and repeat; ``Q`` and ``Q H Q`` follow by rank-one
-    updates, applied in blocks of :data:`BLOCK` steps (``O(N^3)`` in all). The score is the step at which a channel goes
-    (the last ones left score highest): kept sets are nested. ``removed``: stop after that many
+    updates, applied in blocks of :data:`BLOCK` steps (``O(N^3)`` in all). The score is the
+    step at which a channel goes (the last ones left score highest): kept sets are nested. ``removed``: stop after that many
     (the rest share the top score). ``ridge`` (relative to the mean variance) keeps a singular
     ``Sigma`` invertible.
     """
@@ -79,57 +79,54 @@ def least_loss_scores(covariance: torch.Tensor, consumer_gram: torch.Tensor, rid
     scale = float(sigma.diagonal().mean().clamp_min(1e-300))
     eye = torch.eye(n, dtype=sigma.dtype, device=sigma.device)
     q = torch.linalg.inv(sigma + ridge * scale * eye)
-    m = eye - ridge * scale * q  # Q Sigma, since Q (Sigma + ridge I) = I
-    r = m @ consumer_gram.to(sigma) @ m.T  # Q H Q = (Q Sigma) G (Q Sigma)^T
-    alive = torch.arange(n, device=sigma.device)  # original index of each row of q and r
+    gram = consumer_gram.to(sigma)
+    shift = ridge * scale * float(q.diagonal().sum())  # bounds |Q Sigma - I|, Q Sigma = I - ridge Q
+    if shift < 1e-9:  # Q H Q = (Q Sigma) G (Q Sigma)^T is G itself, to that accuracy
+        r = gram.clone()
+    else:
+        m = eye - ridge * scale * q
+        r = m @ gram @ m.T
+    removed_mask = torch.zeros(n, dtype=torch.bool, device=sigma.device)
     scores = torch.full((n,), float(n), dtype=torch.float64)
     step = 0
-    while step < removed:
+    while step < removed:  # a removed channel's rows and columns of Q and R become zero: masked
         count = min(BLOCK, removed - step)
-        gone, left, right = _eliminate_block(q, r, count)
-        scores[alive[gone].cpu()] = torch.arange(step, step + count, dtype=torch.float64)
+        gone, left, right = _eliminate_block(q, r, count, removed_mask)
+        scores[gone.cpu()] = torch.arange(step, step + count, dtype=torch.float64)
         step += count
-        stay = torch.ones(len(alive), dtype=torch.bool, device=alive.device)
-        stay[gone] = False
-        stay = torch.nonzero(stay).flatten()
-        q = torch.addmm(q[stay[:, None], stay], left[0][stay], right[0][:, stay], alpha=-1)
-        r = torch.addmm(r[stay[:, None], stay], left[1][stay], right[1][:, stay], alpha=-1)
-        alive = alive[stay]
+        q.addmm_(left[0], right[0], alpha=-1)
+        r.addmm_(left[1], right[1], alpha=-1)
     return scores
 
 
 BLOCK = 64  # eliminations per block: exact greedy steps on columns, then one product updates Q and R
 
 
-def _eliminate_block(q: torch.Tensor, r: torch.Tensor, count: int):
+def _eliminate_block(q: torch.Tensor, r: torch.Tensor, count: int, removed: torch.Tensor):
     """``count`` greedy eliminations from ``Q`` and ``R = Q H Q``, each exact: the columns and
     diagonals they need are updated at ``O(N)`` per earlier step; the updates of the whole
     matrices are returned as factors, ``Q~ = Q - L_q R_q`` and ``R~ = R - L_r R_r``.
+    ``removed``: the channels already gone (updated here).
     Removing ``j`` with ``a = Q[:, j]``, ``c = a_j``, ``p = R[:, j]``, ``s = p_j``:
     ``Q~ = Q - a a^T / c`` and ``R~ = R - (p a^T + a p^T) / c + s a a^T / c^2``."""
+    n = q.shape[0]
     dq, dr = q.diagonal().clone(), r.diagonal().clone()
-    a_cols, p_cols, cs, ss, gone = [], [], [], [], []
-    for _ in range(count):
-        rise = dr / dq
-        if gone:
-            rise[torch.tensor(gone, device=rise.device)] = float("inf")
-        j = int(rise.argmin())
-        a, p = q[:, j].clone(), r[:, j].clone()
-        if a_cols:
-            A, P = torch.stack(a_cols, 1), torch.stack(p_cols, 1)
-            c_, s_ = torch.tensor(cs, dtype=a.dtype, device=a.device), torch.tensor(ss, dtype=a.dtype, device=a.device)
-            a = a - A @ (A[j] / c_)
-            p = p - P @ (A[j] / c_) - A @ (P[j] / c_ - s_ * A[j] / c_**2)
-        c, s = float(a[j]), float(p[j])
-        dq = dq - a * a / c
-        dr = dr - 2 * p * a / c + s * a * a / c**2
-        a_cols.append(a), p_cols.append(p), cs.append(c), ss.append(s), gone.append(j)
-    A, P = torch.stack(a_cols, 1), torch.stack(p_cols, 1)
-    c_, s_ = torch.tensor(cs, dtype=A.dtype, device=A.device), torch.tensor(ss, dtype=A.dtype, device=A.device)
-    left_q, right_q = A, (A / c_).T
+    A, P = q.new_empty(n, count), q.new_empty(n, count)
+    c, s = q.new_empty(count), q.new_empty(count)
+    gone = []
+    for t in range(count):
+        j = int((dr / dq).masked_fill(removed, float("inf")).argmin())
+        weights = A[j, :t] / c[:t]
+        a = q[:, j] - A[:, :t] @ weights
+        p = r[:, j] - P[:, :t] @ weights - A[:, :t] @ (P[j, :t] / c[:t] - s[:t] * weights / c[:t])
+        A[:, t], P[:, t], c[t], s[t] = a, p, a[j], p[j]
+        dq -= a * a / c[t]
+        dr -= (2 * p - s[t] * a / c[t]) * a / c[t]
+        removed[j] = True
+        gone.append(j)
     left_r = torch.cat([P, A], dim=1)
-    right_r = torch.cat([(A / c_).T, (P / c_ - s_ * A / c_**2).T], dim=0)
-    return torch.tensor(gone, device=q.device), (left_q, left_r), (right_q, right_r)
+    right_r = torch.cat([(A / c).T, (P / c - s * A / c**2).T], dim=0)
+    return torch.tensor(gone, device=q.device), (A, left_r), ((A / c).T, right_r)
 
 
 def select_channels(
