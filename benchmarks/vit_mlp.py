@@ -45,7 +45,7 @@ WEIGHTS = "vit-fashion-mnist.safetensors"
 #: the first Linear layer of each MLP block of torchvision's VisionTransformer (MLPBlock index 0)
 MLP_LAYERS = ("encoder.layers.*.mlp.0",)
 METHODS = ("prune", "nm", "lbyl")
-RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 CRITERIA = ("l2", "auto")  # the paper's criterion, lbyl's default
 DEFAULT_CRITERION = "auto"
 PLAIN_CRITERION = "l2"  # plain pruning: the L2 norm, no compensation
@@ -61,12 +61,13 @@ COLUMNS = (
 
 CRITERION_NOTES = {
     "l2": "The paper's criterion: the neurons with the largest L2 norm (weights and bias) stay.",
-    "auto": "lbyl's default: `least-loss` in every block at these ratios (the kept neurons span the 64 "
-    "features up to 75 %; `tests/test_bench_vit.py` checks it).",
+    "auto": "lbyl's default: `least-loss` in every block up to 70 % (the kept neurons span the 64 "
+    "features up to 75 %), `l2` at 80 % (51 neurons cannot span them; LBYL then solves before the "
+    "activation); `tests/test_bench_vit.py` checks it.",
 }
 
 # the targets of the issue, at these ratios
-BEAT_FROM = 0.2
+BEAT_FROM, TARGETS_UP_TO = 0.2, 0.7  # the issue's range is 10-70 %; 80 % is shown, not a target
 HALF_LOSS_AT = (0.5, 0.7)
 
 
@@ -308,7 +309,7 @@ def targets(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
     out = []
     for criterion in measured:
         ratios = sorted({float(r["ratio"]) for r in rows if r["method"] != UNPRUNED and r["criterion"] == criterion})
-        beat = [r for r in ratios if r >= BEAT_FROM - 1e-9]
+        beat = [r for r in ratios if BEAT_FROM - 1e-9 <= r <= TARGETS_UP_TO + 1e-9]
         details, status = [], "met"
         for ratio in beat:
             own = _accuracy(rows, "lbyl", ratio, criterion)
@@ -322,7 +323,8 @@ def targets(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
             details.append(f"{100 * ratio:g} %: {own:.2f} vs {max(others):.2f}" + ("" if won else " (lost)"))
         if not beat:
             status = "not measured"
-        out.append((f"`lbyl` above `prune` and `nm` at every ratio from {100 * BEAT_FROM:g} % (channels by `{criterion}`)",
+        out.append((f"`lbyl` above `prune` and `nm` at every ratio from {100 * BEAT_FROM:g} to {100 * TARGETS_UP_TO:g} % "
+                    f"(channels by `{criterion}`)",
                     status, "; ".join(details) or "no runs"))  # fmt: skip
     checks = [(ratio, DEFAULT_CRITERION, PLAIN_CRITERION) for ratio in HALF_LOSS_AT]
     checks += [(ratio, c, c) for c in measured for ratio in HALF_LOSS_AT]

@@ -32,7 +32,7 @@ def _restore_section(data: dict) -> list[str]:
         f"(per-neuron reference: {data['settings']['reference_repeats']}; latency: "
         f"{data['settings']['latency_repeats']} alternating calls after one warm-up)",
         "- models: random weights; BatchNorm gamma ~ U(0.5, 1.5), beta ~ N(0, 0.04), running statistics "
-        "measured on random inputs; method `lbyl`, criterion `l2`, lambdas 0, default layers",
+        "measured on random inputs; method `lbyl`, criterion `auto` (`l2` on these CNNs), lambdas 0, default layers",
         "",
         "## Restore wall time (seconds)",
         "",
