@@ -299,9 +299,13 @@ def _make_plan(traced: Traced, ratio, kept, criterion, layers, seed) -> Plan:
 
 
 def _prepare_criterion(traced: Traced, criterion, input_stats) -> None:
-    """A criterion that reads the statistics needs the input moments, from the model before any edit."""
-    if isinstance(criterion, str) and criterion in (AUTO, *STATISTICAL_CRITERIA):
-        statistics.prepare([g.input_source for g in traced.groups], input_stats, tuple(traced.inputs[0].shape[1:]))
+    """A criterion that reads the statistics needs the input moments, from the model before any
+    edit: every layer's for ``least-loss``; for ``auto`` those of layers without BatchNorm, the
+    only ones it may rank by them (:func:`lbyl.planning.layer_criterion`)."""
+    if not isinstance(criterion, str) or criterion not in (AUTO, *STATISTICAL_CRITERIA):
+        return
+    sources = [g.input_source for g in traced.groups if criterion != AUTO or g.bn is None]
+    statistics.prepare(sources, input_stats, tuple(traced.inputs[0].shape[1:]))
 
 
 def _given_plan(ratio, kept, criterion, layers, seed) -> Plan | None:

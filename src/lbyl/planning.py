@@ -272,7 +272,8 @@ def select_groups(groups, skipped: list[SkippedLayer], layers) -> list[Restorabl
 def plan_layers(groups, skipped, ratio=None, kept=None, criterion=AUTO, layers=None, seed=0,
                 scores: dict | None = None) -> list[PlannedLayer]:  # fmt: skip
     """The planned layers, in module order, from a ratio (float or mapping) or explicit ``kept`` channels.
-    ``scores``: a cache of the ``least-loss`` scores per layer name (filled here)."""
+    ``scores``: a cache of the ``least-loss`` scores per layer name, with the number of channels
+    they rank (filled here; the greedy order is nested, so it serves every smaller removal)."""
     if kept is not None:
         by_name = {g.name: g for g in groups}
         for name in kept:
@@ -292,12 +293,13 @@ def plan_layers(groups, skipped, ratio=None, kept=None, criterion=AUTO, layers=N
     for group in chosen:
         ratio_here = float(ratios[group.name])
         chosen_criterion = layer_criterion(group, ratio_here, criterion)
-        filters, rank = ranking_filters(producer_stats(group)), chosen_criterion
         if isinstance(chosen_criterion, str) and chosen_criterion in STATISTICAL_CRITERIA:
             removed = group.channels - keep_count(group.channels, ratio_here)
-            if (group.name, removed) not in cache:
-                cache[group.name, removed] = least_loss_channel_scores(group, removed)
-            filters, rank = cache[group.name, removed][:, None], "l1"  # one non-negative column: l1 is the score
+            if cache.get(group.name, (-1,))[0] < removed:  # a longer ranking serves any smaller removal
+                cache[group.name] = (removed, least_loss_channel_scores(group, removed))
+            filters, rank = cache[group.name][1][:, None], "l1"  # one non-negative column: l1 is the score
+        else:
+            filters, rank = ranking_filters(producer_stats(group)), chosen_criterion
         layer = _planned(group, _select(filters, ratio_here, rank, seed, group.blocks), ratio_here)
         layer.criterion = criterion_name(chosen_criterion)
         planned.append(layer)
